@@ -1,0 +1,302 @@
+"""LLMEngine: one engine for every caller (LLM, AsyncLLM, the server, the agents).
+
+It owns the model, the memory pools, the scheduler and the runner; `add_request` queues work, each
+`step()` runs one scheduled forward pass and returns the outputs of the requests it advanced.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from glimpse.config import NemotronHConfig
+from glimpse.engine.cache import (
+    BlockPool,
+    CacheManager,
+    SlotPool,
+    allocate_cache_tensors,
+    kv_bytes_per_token,
+    state_bytes_per_sequence,
+)
+from glimpse.engine.detokenizer import IncrementalDetokenizer
+from glimpse.engine.request import MediaSpan, Request, Sequence, SequenceStatus
+from glimpse.engine.runner import ModelRunner
+from glimpse.engine.sampler import SequenceSamplingState, make_generator
+from glimpse.engine.scheduler import Scheduler
+from glimpse.errors import InvalidRequestError
+from glimpse.outputs import CompletionOutput, Logprob, RequestOutput
+from glimpse.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    enable_prefix_caching: bool = True
+    mamba_ssm_cache_dtype: str = "float32"
+    gpu_memory_utilization: float = 0.9
+    cache_memory_bytes: int | None = None
+    block_size: int = 16
+    video_pruning_rate: float = 0.0
+    allowed_local_media_path: str | None = None
+    allow_private_media_urls: bool = True
+    seed: int = 0
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolve_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {list(_DTYPES)}, got {self.dtype!r}")
+        return _DTYPES[self.dtype]
+
+
+def _plan_memory(
+    config: NemotronHConfig, cfg: EngineConfig, budget: int, dtype: torch.dtype, ssm_dtype: torch.dtype
+) -> tuple[int, int, int]:
+    """Split a byte budget into state slots and KV blocks: KV for at least one full-length sequence first,
+    then a slot per allowed sequence while memory lasts, the rest to KV. Returns (slots, blocks, max_len)."""
+    per_seq = state_bytes_per_sequence(config, dtype, ssm_dtype)
+    per_block = max(1, kv_bytes_per_token(config, dtype) * cfg.block_size)
+    max_len = cfg.max_model_len or config.max_position_embeddings
+    kv_floor = -(-max_len // cfg.block_size) * per_block
+    if kv_floor + per_seq > budget:  # cap the context at what memory holds
+        fit = max(cfg.block_size, (budget - per_seq) // per_block * cfg.block_size)
+        if cfg.max_model_len:
+            raise ValueError(
+                f"max_model_len={cfg.max_model_len} needs {kv_floor + per_seq} bytes of cache, only {budget} "
+                f"are available; lower max_model_len or give more memory"
+            )
+        log.warning("max_model_len capped from %d to %d by cache memory", max_len, fit)
+        max_len = fit
+        kv_floor = -(-max_len // cfg.block_size) * per_block
+    slots = int(max(1, min(cfg.max_num_seqs, (budget - kv_floor) // per_seq)))
+    blocks = int((budget - slots * per_seq) // per_block)
+    return slots, blocks, max_len
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig) -> None:
+        from glimpse.loader import resolve_model_path
+        from glimpse.model.loading import load_model
+        from glimpse.processing.inputs import InputProcessor
+        from glimpse.processing.tokenizer import end_of_sequence_ids, load_tokenizer
+
+        self.cfg = cfg
+        self.device = cfg.resolve_device()
+        self.dtype = cfg.resolve_dtype(self.device)
+        if cfg.mamba_ssm_cache_dtype not in ("float32", "bfloat16"):
+            raise ValueError("mamba_ssm_cache_dtype must be 'float32' or 'bfloat16'")
+        self.ssm_dtype = _DTYPES[cfg.mamba_ssm_cache_dtype]
+        torch.manual_seed(cfg.seed)
+        self.model_dir: Path = resolve_model_path(cfg.model)
+        self.model = load_model(self.model_dir, self.device, self.dtype)
+        self.config: NemotronHConfig = self.model.llm_config
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.eos_token_ids = end_of_sequence_ids(self.model_dir, self.tokenizer, self.config.eos_token_ids)
+
+        budget = self._cache_budget()
+        slots, blocks, self.max_model_len = _plan_memory(self.config, cfg, budget, self.dtype, self.ssm_dtype)
+        self.cache_tensors = allocate_cache_tensors(
+            self.config, slots, blocks, cfg.block_size, self.dtype, self.ssm_dtype, self.device
+        )
+        self.cache = CacheManager(BlockPool(blocks, cfg.block_size), SlotPool(slots))
+        self.scheduler = Scheduler(self.cache, cfg.max_num_batched_tokens, min(cfg.max_num_seqs, slots))
+        self.runner = ModelRunner(self.model, self.cache_tensors, self.device, self.eos_token_ids)
+        self.processor = InputProcessor(self)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._arrivals = itertools.count()
+        self._default_generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        log.info(
+            "engine ready: %s on %s (%s), %d state slots, %d KV blocks of %d, max_model_len %d",
+            self.model_dir, self.device, self.dtype, slots, blocks, cfg.block_size, self.max_model_len,
+        )  # fmt: skip
+
+    def _cache_budget(self) -> int:
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used_elsewhere = total - free
+            return int(total * self.cfg.gpu_memory_utilization - used_elsewhere - self._activation_reserve())
+        if self.cfg.cache_memory_bytes:
+            return int(self.cfg.cache_memory_bytes)
+        # CPU default: a slot per allowed sequence and KV for a few full-length sequences, at most 2 GiB.
+        c = self.config
+        max_len = self.cfg.max_model_len or c.max_position_embeddings
+        want = self.cfg.max_num_seqs * state_bytes_per_sequence(c, self.dtype, self.ssm_dtype)
+        want += 4 * max_len * kv_bytes_per_token(c, self.dtype)
+        return int(min(want, 2 << 30))
+
+    def _activation_reserve(self) -> int:
+        """Bytes a full step's activations need beside the weights (generous: the MLP and in_proj
+        intermediates of max_num_batched_tokens tokens, in fp32, several alive at once)."""
+        c = self.config
+        widest = max(
+            c.intermediate_size, c.mamba_d_inner + c.mamba_conv_dim + c.mamba_num_heads, c.vocab_size // 8
+        )
+        return int(self.cfg.max_num_batched_tokens * widest * 4 * 4 + (2 << 30))
+
+    # Requests ----------------------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        prompt: str | None = None,
+        media_spans: list[MediaSpan] | None = None,
+        media_info: list[dict[str, Any]] | None = None,
+        video_tokens: dict[str, int] | None = None,
+    ) -> Request:
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty")
+        n = len(prompt_token_ids)
+        if n >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {n} tokens; this model's context is {self.max_model_len} tokens "
+                f"(prompt plus at least one generated token)",
+                param="messages",
+            )
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"prompt token ids out of range [0, {self.config.vocab_size}): {bad[:5]}"
+            )
+        req = Request(
+            request_id, prompt, list(prompt_token_ids), params, next(self._arrivals),
+            media_spans=media_spans or [], media_info=media_info or [], video_tokens=video_tokens,
+        )  # fmt: skip
+        for i in range(params.n):
+            seq = Sequence(next(self._seq_ids), req, i)
+            generator = make_generator(params.seed, i, self.device)
+            seq.sampling_state = SequenceSamplingState(
+                params=params,
+                prompt_token_ids=req.prompt_token_ids,
+                output_token_ids=seq.output_token_ids,
+                generator=generator if generator is not None else self._default_generator,
+                child_index=i,
+            )
+            seq.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, req.prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
+                stop=params.stop,
+            )  # fmt: skip
+            if params.logprobs is not None:
+                seq.logprobs = []
+            req.sequences.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
+        return req
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.sequences:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        return self._output(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # Stepping ----------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One forward pass; outputs for every request that got new tokens or finished."""
+        sched = self.scheduler.schedule()
+        if not sched.chunks:
+            if self.scheduler.waiting and not self.scheduler.running:
+                raise RuntimeError("the scheduler cannot admit any waiting sequence (cache too small)")
+            return []
+        seqs, sampled = self.runner.execute(sched)
+        for chunk in sched.chunks:
+            chunk.seq.num_computed_tokens += chunk.num_tokens
+        touched: dict[str, Request] = {}
+        for i, seq in enumerate(seqs):
+            self._append_token(seq, sampled.token_ids[i], sampled.logprobs[i], sampled.sampled_logprobs[i])
+            touched[seq.request.request_id] = seq.request
+        outputs = []
+        for req in touched.values():
+            outputs.append(self._output(req))
+            if req.finished:
+                self.requests.pop(req.request_id, None)
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprobs: dict | None, sampled_logprob: float) -> None:
+        params = seq.params
+        seq.output_token_ids.append(token)
+        seq.cumulative_logprob += sampled_logprob
+        if seq.logprobs is not None and logprobs is not None:
+            for tid, lp in logprobs.items():
+                if lp.decoded_token is None:
+                    lp.decoded_token = self.tokenizer.decode([tid])
+            seq.logprobs.append(logprobs)
+        n_out = len(seq.output_token_ids)
+        stop_token = token in params.stop_token_ids
+        eos = token in self.eos_token_ids and not params.ignore_eos
+        if (stop_token or eos) and n_out >= params.min_tokens:
+            seq.finish_reason, seq.stop_reason = "stop", (token if stop_token else None)
+        else:
+            seq.text += seq.detokenizer.add_tokens([token])
+            if seq.detokenizer.stopped_by is not None and n_out >= params.min_tokens:
+                seq.finish_reason, seq.stop_reason = "stop", seq.detokenizer.stopped_by
+                seq.text = seq.detokenizer.text
+            elif params.max_tokens is not None and n_out >= params.max_tokens:
+                seq.finish_reason = "length"
+            elif seq.num_tokens >= self.max_model_len:
+                seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            if not isinstance(
+                seq.stop_reason, str
+            ):  # a stop string already cut the text; else release the tail
+                seq.text += seq.detokenizer.flush()
+            self.scheduler.finish(seq)
+
+    def _output(self, req: Request) -> RequestOutput:
+        outs = [
+            CompletionOutput(
+                index=s.index,
+                text=s.text,
+                token_ids=list(s.output_token_ids),
+                finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason,
+                logprobs=s.logprobs,
+                cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
+            )
+            for s in req.sequences
+        ]
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=outs,
+            finished=req.finished,
+            num_cached_tokens=min(s.num_cached_tokens for s in req.sequences),
+            video_tokens=req.video_tokens,
+            media=req.media_info,
+        )
+
+    def all_memory_free(self) -> bool:
+        return self.cache.all_free()
+
+
+__all__ = ["LLMEngine", "EngineConfig", "Logprob", "SequenceStatus"]

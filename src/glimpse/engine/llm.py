@@ -1,0 +1,115 @@
+"""The offline Python API, as in vLLM: `LLM(model).generate(prompts)` and `LLM(model).chat(messages)`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+from typing import Any
+
+from glimpse.engine.engine import EngineConfig, LLMEngine
+from glimpse.outputs import RequestOutput
+from glimpse.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str,
+        dtype: str = "auto",
+        device: str = "auto",
+        max_model_len: int | None = None,
+        max_num_batched_tokens: int = 8192,
+        max_num_seqs: int = 256,
+        enable_prefix_caching: bool = True,
+        mamba_ssm_cache_dtype: str = "float32",
+        gpu_memory_utilization: float = 0.9,
+        cache_memory_bytes: int | None = None,
+        video_pruning_rate: float = 0.0,
+        allowed_local_media_path: str | None = None,
+        allow_private_media_urls: bool = True,
+        seed: int = 0,
+        **engine_kwargs: Any,
+    ) -> None:
+        cfg = EngineConfig(
+            model=str(model), dtype=dtype, device=device, max_model_len=max_model_len,
+            max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+            enable_prefix_caching=enable_prefix_caching, mamba_ssm_cache_dtype=mamba_ssm_cache_dtype,
+            gpu_memory_utilization=gpu_memory_utilization, cache_memory_bytes=cache_memory_bytes,
+            video_pruning_rate=video_pruning_rate, allowed_local_media_path=allowed_local_media_path,
+            allow_private_media_urls=allow_private_media_urls, seed=seed, **engine_kwargs,
+        )  # fmt: skip
+        if not 0 <= video_pruning_rate < 1:
+            raise ValueError(f"video_pruning_rate must be in [0, 1), got {video_pruning_rate}")
+        self.engine = LLMEngine(cfg)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    @staticmethod
+    def _per_prompt(params: SamplingParams | Seq[SamplingParams] | None, n: int) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams()] * n
+        if isinstance(params, SamplingParams):
+            return [params] * n
+        params = list(params)
+        if len(params) != n:
+            raise ValueError(f"got {len(params)} sampling params for {n} prompts")
+        return params
+
+    def generate(
+        self, prompts: Any, sampling_params: SamplingParams | Seq[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
+        """One prompt or a list; the result is always a list in the same order."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        inputs = [self.engine.processor.from_prompt(p) for p in prompts]
+        return self._run(inputs, self._per_prompt(sampling_params, len(inputs)))
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        mm_processor_kwargs: dict[str, Any] | None = None,
+        media_io_kwargs: dict[str, Any] | None = None,
+        video_pruning_rate: float | None = None,
+    ) -> list[RequestOutput]:
+        """One conversation (a list of message dicts) or a list of them; one output per conversation."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        inputs = [
+            self.engine.processor.from_messages(
+                conv,
+                tools=tools,
+                chat_template_kwargs=chat_template_kwargs,
+                mm_processor_kwargs=mm_processor_kwargs,
+                media_io_kwargs=media_io_kwargs,
+                video_pruning_rate=video_pruning_rate,
+            )  # fmt: skip
+            for conv in conversations
+        ]
+        return self._run(inputs, self._per_prompt(sampling_params, len(inputs)))
+
+    def _run(self, inputs: list, params: list[SamplingParams]) -> list[RequestOutput]:
+        engine = self.engine
+        order = []
+        try:
+            for inp, p in zip(inputs, params):
+                rid = str(next(self._ids))
+                engine.add_request(
+                    rid, inp.prompt_token_ids, p, prompt=inp.prompt, media_spans=inp.media_spans,
+                    media_info=inp.media_info, video_tokens=inp.video_tokens,
+                )  # fmt: skip
+                order.append(rid)
+            done: dict[str, RequestOutput] = {}
+            while engine.has_unfinished():
+                for out in engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+        except BaseException:
+            for rid in order:  # leave the engine clean for the next call
+                engine.abort(rid)
+            raise
+        return [done[rid] for rid in order]

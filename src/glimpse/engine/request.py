@@ -1,0 +1,108 @@
+"""A request and its sequences: tokens computed, tokens wanted, and where their state lives.
+
+A request with n > 1 fans out into n sequences that share the prompt (and, with prefix caching, its
+cached blocks); each sequence is scheduled on its own.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from glimpse.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class MediaSpan:
+    """A run of placeholder tokens in the prompt filled by vision embeddings instead of the token table.
+
+    `embeddings` is [length, hidden]; `content_hash` identifies the media and its processing (prefix
+    cache keys include it, since the placeholder tokens alone say nothing about the pixels)."""
+
+    start: int  # position of the first placeholder token in the prompt
+    embeddings: torch.Tensor | None  # filled lazily by the encoder (or its cache)
+    length: int
+    content_hash: str
+    encode: Any = None  # callable producing the embeddings when they are not cached
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    request: Request
+    index: int  # child index within the request (n > 1)
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
+    slot: int | None = None
+    block_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    logprobs: list[dict] | None = None
+    cumulative_logprob: float = 0.0
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
+    sampling_state: Any = None
+    detokenizer: Any = None
+    text: str = ""
+    num_preemptions: int = 0
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.request.prompt_token_ids
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prompt_tokens + len(self.output_token_ids)
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        p = self.num_prompt_tokens
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed_tokens < self.num_prompt_tokens
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival: int  # arrival order (first come, first served)
+    media_spans: list[MediaSpan] = field(default_factory=list)
+    media_info: list[dict[str, Any]] = field(default_factory=list)  # RequestOutput.media
+    video_tokens: dict[str, int] | None = None
+    grammar: Any = None  # a compiled structured-output constraint factory, if any
+    sequences: list[Sequence] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.sequences)

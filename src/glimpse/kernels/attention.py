@@ -1,0 +1,57 @@
+"""Attention over a paged KV cache (no position encoding in this model: causality is the only order).
+
+K/V live in blocks of `block_size` tokens, [blocks, block_size, kv_heads, head_dim]; a sequence's
+block table lists its blocks in order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv(
+    key: torch.Tensor,  # [T, KVH, D]
+    value: torch.Tensor,
+    key_cache: torch.Tensor,  # [blocks, block_size, KVH, D]
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # int64 [T]: block * block_size + offset
+) -> None:
+    key_cache.view(-1, *key_cache.shape[2:])[slot_mapping] = key.to(key_cache.dtype)
+    value_cache.view(-1, *value_cache.shape[2:])[slot_mapping] = value.to(value_cache.dtype)
+
+
+def paged_attention(
+    query: torch.Tensor,  # [T, H, D] packed new tokens
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [S, max_blocks]
+    query_lens: list[int],
+    context_lens: list[int],
+    scale: float,
+) -> torch.Tensor:
+    """Each new token attends to its sequence's cached tokens and the new ones up to itself."""
+    block_size = key_cache.shape[1]
+    out = torch.empty_like(query)
+    start = 0
+    for s, (n, ctx) in enumerate(zip(query_lens, context_lens)):
+        total = ctx + n
+        blocks = block_tables[s, : (total + block_size - 1) // block_size]
+        k = key_cache[blocks].flatten(0, 1)[:total]  # [total, KVH, D]
+        v = value_cache[blocks].flatten(0, 1)[:total]
+        q = query[start : start + n]
+        # query i sits at absolute position ctx + i and sees keys 0..ctx + i
+        mask = (
+            torch.arange(total, device=q.device)[None, :] <= (ctx + torch.arange(n, device=q.device))[:, None]
+        )
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0),
+            k.transpose(0, 1).unsqueeze(0).to(q.dtype),
+            v.transpose(0, 1).unsqueeze(0).to(q.dtype),
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=True,
+        )
+        out[start : start + n] = o[0].transpose(0, 1)
+        start += n
+    return out

@@ -1,0 +1,48 @@
+"""Causal depthwise convolution of the Mamba2 mixer, continuing from a per-sequence state.
+
+The state holds each sequence's last `kernel - 1` inputs, layout [slots, kernel - 1, channels].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_conv1d_varlen(
+    x: torch.Tensor,  # [T, C] packed tokens of several sequences
+    weight: torch.Tensor,  # [C, K]
+    bias: torch.Tensor | None,  # [C]
+    conv_state: torch.Tensor,  # [slots, K-1, C], updated in place
+    cu_seqlens: list[int],
+    slots: list[int],
+    has_initial_state: list[bool],
+) -> torch.Tensor:
+    """Prompt chunks: each sequence is convolved after its cached inputs (zeros for a fresh one)."""
+    k = weight.shape[1]
+    out = torch.empty_like(x)
+    w = weight.unsqueeze(1)  # [C, 1, K] as conv1d wants
+    for s, slot in enumerate(slots):
+        start, end = cu_seqlens[s], cu_seqlens[s + 1]
+        prev = conv_state[slot].to(x.dtype) if has_initial_state[s] else x.new_zeros(k - 1, x.shape[1])
+        full = torch.cat([prev, x[start:end]], 0)  # [K-1+L, C]
+        y = F.conv1d(full.t().unsqueeze(0), w, bias, groups=x.shape[1])  # [1, C, L]
+        out[start:end] = y[0].t()
+        conv_state[slot] = full[-(k - 1) :].to(conv_state.dtype)
+    return out
+
+
+def causal_conv1d_update(
+    x: torch.Tensor,  # [B, C] one new token per sequence
+    weight: torch.Tensor,  # [C, K]
+    bias: torch.Tensor | None,
+    conv_state: torch.Tensor,  # [slots, K-1, C], updated in place
+    slots: torch.Tensor,  # int64 [B]
+) -> torch.Tensor:
+    """Decode: slide each sequence's window by one token."""
+    window = torch.cat([conv_state[slots].to(x.dtype), x.unsqueeze(1)], 1)  # [B, K, C]
+    y = (window * weight.t().unsqueeze(0)).sum(1)
+    if bias is not None:
+        y = y + bias
+    conv_state[slots] = window[:, 1:].to(conv_state.dtype)
+    return y

@@ -1,0 +1,216 @@
+"""Checkpoints -> modules: find the files, map the names, load shard by shard onto the target device.
+
+The model is built on the meta device (no memory), then each tensor is read from its shard straight to
+the target device and dtype and put in place, so peak host memory is about one tensor, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from glimpse.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_MODELS = ("tiny", "tiny-vl")
+# Parameters kept in fp32 whatever the model dtype: tiny, and the SSM's decay rates are precision-critical.
+FP32_SUFFIXES = (".A_log", ".D", ".dt_bias")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GLIMPSE_CACHE", Path.home() / ".cache" / "glimpse"))
+
+
+def resolve_model_path(model: str | os.PathLike) -> Path:
+    """A local directory, a built-in name (made on first use), or a hub id (downloaded when online)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if str(model) in BUILTIN_MODELS:
+        from glimpse.tiny import ensure_builtin
+
+        return ensure_builtin(str(model))
+    name = str(model)
+    if name.count("/") != 1 or name.startswith((".", "/")):
+        raise CheckpointError(
+            f"model {name!r} is not a directory, a built-in model {BUILTIN_MODELS}, or a hub id"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=_HUB_PATTERNS))
+    except Exception as e:  # offline, unknown repo, gated, ...: one clear message
+        raise CheckpointError(
+            f"could not get {name!r} from the Hugging Face hub ({type(e).__name__}: {e}). Offline? Download it "
+            f"elsewhere and pass the local directory instead."
+        ) from None
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The safetensors shards: those named by model.safetensors.index.json, else every *.safetensors."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({model_dir / f for f in weight_map.values()})
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise CheckpointError(f"{model_dir}: shards named in the index are missing: {absent}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{model_dir} has no *.safetensors weights")
+    return files
+
+
+def _check_not_truncated(path: Path) -> None:
+    """Name the first tensor whose bytes lie past the end of the file (safetensors would only say
+    the file is incomplete)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path} is truncated: no safetensors header")
+        (header_len,) = struct.unpack("<Q", raw)
+        if 8 + header_len > size:
+            raise CheckpointError(f"{path} is truncated inside its header")
+        header = json.loads(f.read(header_len))
+    data_size = size - 8 - header_len
+    for name, info in sorted(
+        header.items(), key=lambda kv: kv[1].get("data_offsets", [0])[0] if kv[0] != "__metadata__" else -1
+    ):
+        if name == "__metadata__":
+            continue
+        end = info["data_offsets"][1]
+        if end > data_size:
+            raise CheckpointError(
+                f"{path.name} is truncated: tensor {name!r} needs bytes up to {end} but the data ends at {data_size}"
+            )
+
+
+def iter_tensors(
+    files: list[Path], device: torch.device | str
+) -> Iterator[tuple[str, Callable[[], torch.Tensor], tuple]]:
+    """(name, load-function, shape) for every tensor, shard by shard; loading reads only that tensor."""
+    from safetensors import safe_open
+
+    for path in files:
+        _check_not_truncated(path)
+        try:
+            handle = safe_open(str(path), framework="pt", device=str(device))
+        except Exception as e:
+            raise CheckpointError(f"cannot read {path}: {e}") from None
+        with handle as f:
+            for name in f.keys():
+                shape = tuple(f.get_slice(name).get_shape())
+                yield name, (lambda f=f, name=name: f.get_tensor(name)), shape
+
+
+def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    *path, leaf = name.split(".")
+    owner = module.get_submodule(".".join(path)) if path else module
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[leaf] = value
+
+
+def load_weights(
+    module: nn.Module,
+    files: list[Path],
+    map_name: Callable[[str], str | None],
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> None:
+    """Fill `module` (built on the meta device) from the shards. `map_name` turns a checkpoint name into
+    the module's name, or None for tensors we knowingly don't use. Errors name every offending tensor."""
+    expected = dict(module.named_parameters()) | dict(module.named_buffers())
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for ckpt_name, load, shape in iter_tensors(files, device):
+        name = map_name(ckpt_name)
+        if name is None:
+            continue
+        if name not in expected:
+            unexpected.append(ckpt_name)
+            continue
+        want = tuple(expected[name].shape)
+        if shape != want:
+            raise CheckpointError(
+                f"tensor {ckpt_name!r} has shape {list(shape)}, the model expects {list(want)}"
+            )
+        tensor = load()
+        if tensor.is_floating_point():
+            tensor = tensor.to(torch.float32 if name.endswith(FP32_SUFFIXES) else dtype)
+        _set_tensor(module, name, tensor.to(device))
+        loaded.add(name)
+    if unexpected:
+        raise CheckpointError(f"unexpected tensors in the checkpoint: {sorted(unexpected)[:20]}")
+    missing = sorted(set(expected) - loaded - _tied(module))
+    if missing:
+        raise CheckpointError(f"tensors missing from the checkpoint: {missing[:20]}")
+
+
+def _tied(module: nn.Module) -> set[str]:
+    """Parameter names that share storage with another name (tied embeddings): loaded once, seen twice."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        seen[id(p)] = name
+    return tied
+
+
+def llm_name_map(prefix: str = "") -> Callable[[str], str | None]:
+    """Checkpoint names of the language model -> ours (`backbone.*`, `lm_head.weight`), under `prefix`.
+
+    Accepts `backbone.` (NVIDIA, and transformers on disk) and `model.` (transformers in memory)."""
+
+    def map_name(name: str) -> str | None:
+        if not name.startswith(prefix):
+            return None
+        rest = name[len(prefix) :]
+        if rest.startswith("model."):
+            rest = "backbone." + rest[len("model.") :]
+        return prefix + rest
+
+    return map_name
+
+
+def check_supported_quantization(model_dir: Path) -> None:
+    """FP8/NVFP4 (modelopt) checkpoints need quantised linear layers we do not have yet: say so plainly."""
+    quant = model_dir / "hf_quant_config.json"
+    config = model_dir / "config.json"
+    algo = None
+    if quant.is_file():
+        algo = json.loads(quant.read_text()).get("quantization", {}).get("quant_algo", "unknown")
+    elif config.is_file():
+        q = json.loads(config.read_text()).get("quantization_config")
+        algo = (q or {}).get("quant_algo") or (q or {}).get("quant_method") if q else None
+    if algo:
+        raise CheckpointError(
+            f"{model_dir} is a quantised checkpoint ({algo}); this version of Glimpse serves BF16 checkpoints only"
+        )
+
+
+def load_language_model(model_dir: Path, device: torch.device | str, dtype: torch.dtype):
+    """The text-only NemotronH checkpoint (`NemotronHForCausalLM`)."""
+    from glimpse.config import NemotronHConfig, read_config_json
+    from glimpse.model.nemotron_h import NemotronHForCausalLM
+
+    check_supported_quantization(model_dir)
+    config = NemotronHConfig.from_dict(read_config_json(model_dir))
+    with torch.device("meta"):
+        model = NemotronHForCausalLM(config)
+    load_weights(model, checkpoint_files(model_dir), llm_name_map(), device, dtype)
+    model.tie_weights()
+    return model.eval()

@@ -1,0 +1,87 @@
+"""The Mamba2 mixer of NemotronH (MODEL_SPEC.md §1), written for packed serving batches."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glimpse.config import NemotronHConfig
+from glimpse.kernels.causal_conv1d import causal_conv1d_update, causal_conv1d_varlen
+from glimpse.kernels.norms import gated_rms_norm
+from glimpse.kernels.ssd import selective_state_update, ssd_chunk_scan_varlen
+from glimpse.model.batch import CacheTensors, ForwardBatch
+
+
+class _GroupedNorm(nn.Module):
+    """Holds `norm.weight`; the maths is gated_rms_norm (gate first, then a norm per group)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, config: NemotronHConfig, mamba_index: int) -> None:
+        super().__init__()
+        self.mamba_index = mamba_index  # which slice of the state pools this layer owns
+        self.heads = config.mamba_num_heads
+        self.head_dim = config.mamba_head_dim
+        self.groups = config.n_groups
+        self.state_size = config.ssm_state_size
+        self.d_inner = config.mamba_d_inner
+        self.conv_dim = config.mamba_conv_dim
+        self.chunk_size = config.chunk_size
+        self.eps = config.layer_norm_epsilon
+        self.dt_min, self.dt_max = config.time_step_limit
+        self.in_proj = nn.Linear(
+            config.hidden_size, self.d_inner + self.conv_dim + self.heads, bias=config.mamba_proj_bias
+        )
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, config.conv_kernel, groups=self.conv_dim, bias=config.use_conv_bias
+        )
+        self.A_log = nn.Parameter(torch.zeros(self.heads))
+        self.D = nn.Parameter(torch.ones(self.heads))
+        self.dt_bias = nn.Parameter(torch.zeros(self.heads))
+        self.norm = _GroupedNorm(self.d_inner)
+        self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=config.mamba_proj_bias)
+
+    def _dt(self, dt: torch.Tensor) -> torch.Tensor:
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        if self.dt_min > 0 or math.isfinite(self.dt_max):
+            dt = dt.clamp(self.dt_min, self.dt_max)
+        return dt
+
+    def forward(self, hidden: torch.Tensor, batch: ForwardBatch, cache: CacheTensors) -> torch.Tensor:
+        z, xBC, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.heads], dim=-1)
+        conv_state = cache.conv_state[self.mamba_index]
+        ssm_state = cache.ssm_state[self.mamba_index]
+        weight = self.conv1d.weight.squeeze(1)  # [C, K]
+        A = -torch.exp(self.A_log.float())
+        dt = self._dt(dt)
+
+        if batch.is_decode:
+            xBC = F.silu(causal_conv1d_update(xBC, weight, self.conv1d.bias, conv_state, batch.state_slots))
+        else:
+            cu = batch.cu_query_lens.tolist()
+            slots = batch.state_slots.tolist()
+            xBC = causal_conv1d_varlen(
+                xBC, weight, self.conv1d.bias, conv_state, cu, slots, batch.has_initial_state
+            )
+            xBC = F.silu(xBC)
+        x, B, C = xBC.split([self.d_inner, self.groups * self.state_size, self.groups * self.state_size], -1)
+        T = x.shape[0]
+        x = x.view(T, self.heads, self.head_dim)
+        B = B.view(T, self.groups, self.state_size)
+        C = C.view(T, self.groups, self.state_size)
+
+        if batch.is_decode:
+            y = selective_state_update(x, dt, A, B, C, self.D, ssm_state, batch.state_slots)
+        else:
+            y = ssd_chunk_scan_varlen(
+                x, dt, A, B, C, self.D, ssm_state, cu, slots, batch.has_initial_state, self.chunk_size
+            )
+        y = gated_rms_norm(y.reshape(T, self.d_inner), z, self.norm.weight, self.groups, self.eps)
+        return self.out_proj(y)

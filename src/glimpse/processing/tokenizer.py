@@ -1,0 +1,29 @@
+"""The checkpoint's own tokenizer (transformers' AutoTokenizer) and the ids that end a sequence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from glimpse.errors import CheckpointError
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as e:
+        raise CheckpointError(f"cannot load the tokenizer from {model_dir}: {e}") from None
+
+
+def end_of_sequence_ids(model_dir: Path, tokenizer, config_eos: list[int]) -> list[int]:
+    """Every id that ends generation: config.json's, generation_config.json's and the tokenizer's eos."""
+    ids = list(config_eos)
+    gen = Path(model_dir) / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))

@@ -1,0 +1,932 @@
+"""OpenAI API request and response models (API.md, HTTP), and their mapping to SamplingParams.
+
+Requests ignore unknown fields (clients send extras) but type-check the ones they know strictly: `true`
+is not a number and `"0.5"` is not a float. Checks that span several fields raise
+`InvalidRequestError` with `param` straight out of validation, so `parse_request` is the one door a
+request body goes through. Response models serialise to OpenAI's exact shapes with `model_dump()`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Strict,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from glimpse.errors import GlimpseError, InvalidRequestError
+from glimpse.outputs import Logprob
+from glimpse.sampling_params import SamplingParams
+
+# Strict scalars: JSON `true` must not pass as 1 nor `"2"` as 2. Ints still pass as floats.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+# Log-probabilities of -inf have no JSON spelling; vLLM sends this instead.
+_MIN_LOGPROB = -9999.0
+
+
+def random_id(prefix: str) -> str:
+    """`chatcmpl-…`, `cmpl-…`: a prefix and 32 hex digits, as OpenAI-style ids look."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class OpenAIModel(BaseModel):
+    """Request side: unknown fields are ignored, as OpenAI clients send extras."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+# ---------------------------------------------------------------- messages and content parts
+
+
+class TextPart(OpenAIModel):
+    type: Literal["text"]
+    text: str
+
+
+def _url_object(value: Any) -> Any:
+    # Some clients send `"image_url": "https://…"` rather than `{"url": …}`.
+    return {"url": value} if isinstance(value, str) else value
+
+
+class ImageURL(OpenAIModel):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImageURLPart(OpenAIModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+    _wrap = field_validator("image_url", mode="before")(_url_object)
+
+
+class VideoURL(OpenAIModel):
+    url: str
+
+
+class VideoURLPart(OpenAIModel):
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+    _wrap = field_validator("video_url", mode="before")(_url_object)
+
+
+def _check_file_source(file_data: str | None, file_url: str | None, file_id: str | None) -> None:
+    # PydanticCustomError (not InvalidRequestError) so the error keeps its location in the request.
+    if file_id is not None:
+        raise PydanticCustomError(
+            "unsupported_file_id",
+            "file_id is not supported (this server has no files API); send file_data or file_url",
+        )
+    if (file_data is None) == (file_url is None):
+        raise PydanticCustomError("invalid_file", "a file needs exactly one of file_data or file_url")
+
+
+class FileRef(OpenAIModel):
+    """`{"type": "file", "file": {...}}`: a PDF as a data URL, or a URL to fetch."""
+
+    file_data: str | None = None
+    file_url: str | None = None
+    file_id: str | None = None
+    filename: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> FileRef:
+        _check_file_source(self.file_data, self.file_url, self.file_id)
+        return self
+
+
+class FilePart(OpenAIModel):
+    type: Literal["file"]
+    file: FileRef
+
+
+class InputFilePart(OpenAIModel):
+    """The flat Responses-API spelling: `{"type": "input_file", "file_data" | "file_url", "filename"}`."""
+
+    type: Literal["input_file"]
+    file_data: str | None = None
+    file_url: str | None = None
+    file_id: str | None = None
+    filename: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InputFilePart:
+        _check_file_source(self.file_data, self.file_url, self.file_id)
+        return self
+
+
+_PART_TYPES = ("text", "image_url", "video_url", "file", "input_file")
+
+
+def _part_tag(value: Any) -> str | None:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return f"type={kind}" if kind in _PART_TYPES else None
+
+
+_PART_ERROR = {
+    "custom_error_type": "invalid_content_part",
+    "custom_error_message": f"a content part's type must be one of {', '.join(_PART_TYPES)}",
+}
+# Tags spelt `type=…` so that error locations can drop them (see `_param_from_loc`).
+ContentPart = Annotated[
+    Annotated[TextPart, Tag("type=text")]
+    | Annotated[ImageURLPart, Tag("type=image_url")]
+    | Annotated[VideoURLPart, Tag("type=video_url")]
+    | Annotated[FilePart, Tag("type=file")]
+    | Annotated[InputFilePart, Tag("type=input_file")],
+    Discriminator(_part_tag, **_PART_ERROR),
+]
+TextOnlyPart = Annotated[
+    Annotated[TextPart, Tag("type=text")],
+    Discriminator(
+        lambda v: "type=text" if _part_tag(v) == "type=text" else None,
+        custom_error_type="invalid_content_part",
+        custom_error_message="only text parts are allowed in this message's content",
+    ),
+]
+
+
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str  # a JSON string, as OpenAI sends it
+
+    @field_validator("arguments", mode="before")
+    @classmethod
+    def _dump_object(cls, value: Any) -> Any:
+        # Some clients put the arguments object itself; the chat template wants one spelling.
+        return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else value
+
+
+class ToolCall(OpenAIModel):
+    """A call in an assistant message, sent back in history and returned in responses."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class SystemMessage(OpenAIModel):
+    role: Literal["system", "developer"]  # newer clients send "developer" for system instructions
+    content: str | list[TextOnlyPart]
+    name: str | None = None
+
+
+class UserMessage(OpenAIModel):
+    role: Literal["user"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+
+class AssistantMessage(OpenAIModel):
+    role: Literal["assistant"]
+    content: str | list[TextOnlyPart] | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    name: str | None = None
+
+
+class ToolMessage(OpenAIModel):
+    role: Literal["tool"]
+    content: str | list[TextOnlyPart]
+    tool_call_id: str
+
+
+_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _role_tag(value: Any) -> str | None:
+    role = value.get("role") if isinstance(value, dict) else getattr(value, "role", None)
+    if role not in _ROLES:
+        return None
+    return "role=system" if role == "developer" else f"role={role}"
+
+
+ChatMessage = Annotated[
+    Annotated[SystemMessage, Tag("role=system")]
+    | Annotated[UserMessage, Tag("role=user")]
+    | Annotated[AssistantMessage, Tag("role=assistant")]
+    | Annotated[ToolMessage, Tag("role=tool")],
+    Discriminator(
+        _role_tag,
+        custom_error_type="invalid_role",
+        custom_error_message=f"a message's role must be one of {', '.join(_ROLES)}",
+    ),
+]
+
+
+# ---------------------------------------------------------------- tools, formats, options
+
+
+class FunctionDefinition(OpenAIModel):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: Bool | None = None
+
+
+class Tool(OpenAIModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class JSONSchemaFormat(OpenAIModel):
+    name: str
+    description: str | None = None
+    # `schema` would shadow a BaseModel attribute; the JSON key stays "schema".
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: Bool | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise PydanticCustomError(
+                "missing_json_schema", 'response_format of type "json_schema" needs a "json_schema" object'
+            )
+        return self
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: Bool | None = None
+    continuous_usage_stats: Bool | None = None
+
+
+class StructuredOutputs(OpenAIModel):
+    """vLLM's constrained-decoding extra: exactly one of json, regex, choice (grammar is not supported)."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: Bool | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        if self.grammar is not None:
+            raise PydanticCustomError(
+                "unsupported_grammar", "grammar is not supported; use json, regex or choice"
+            )
+        given = [
+            k for k in ("json_", "regex", "choice", "json_object") if getattr(self, k) not in (None, False)
+        ]
+        if len(given) != 1:
+            raise PydanticCustomError(
+                "invalid_structured_outputs", "give exactly one of json, regex or choice"
+            )
+        if self.choice is not None and not self.choice:
+            raise PydanticCustomError("empty_choice", "choice needs at least one string")
+        return self
+
+
+def _regex_escape(text: str) -> str:
+    """Escape only the metacharacters every regex dialect shares, so any constrained decoder reads it."""
+    return "".join("\\" + c if c in "\\.^$|?*+()[]{}" else c for c in text)
+
+
+def _constraint(
+    response_format: ResponseFormat | None, structured: StructuredOutputs | None
+) -> tuple[dict[str, Any] | None, str | None]:
+    """(json_schema, regex) from response_format or structured_outputs; both at once is an error."""
+    fmt = response_format if response_format is not None and response_format.type != "text" else None
+    if fmt is not None and structured is not None:
+        raise InvalidRequestError(
+            "give response_format or structured_outputs, not both", param="structured_outputs"
+        )
+    if fmt is not None:
+        if fmt.type == "json_object" or fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            return {"type": "object"}, None
+        return fmt.json_schema.schema_, None
+    if structured is None:
+        return None, None
+    if structured.regex is not None:
+        return None, structured.regex
+    if structured.choice is not None:
+        return None, "(" + "|".join(_regex_escape(c) for c in structured.choice) + ")"
+    if structured.json_object:
+        return {"type": "object"}, None
+    schema = structured.json_
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError:
+            raise InvalidRequestError(
+                "structured_outputs.json is not valid JSON", param="structured_outputs.json"
+            ) from None
+        if not isinstance(schema, dict):
+            raise InvalidRequestError(
+                "structured_outputs.json must be a JSON schema object", param="structured_outputs.json"
+            )
+    return schema, None
+
+
+# ---------------------------------------------------------------- requests
+
+
+class _SamplingRequest(OpenAIModel):
+    """Fields both endpoints share, with vLLM's extras. None means "not given": defaults apply later."""
+
+    model: str | None = None
+    frequency_penalty: Float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: Float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    n: Int | None = Field(default=None, ge=1, le=128)
+    seed: Int | None = Field(default=None, ge=_INT64_MIN, le=_INT64_MAX)
+    stop: str | list[str] | None = None
+    stream: Bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: Float | None = Field(default=None, ge=0)
+    top_p: Float | None = Field(default=None, gt=0, le=1)
+    user: str | None = None
+    response_format: ResponseFormat | None = None
+    # vLLM extras
+    top_k: Int | None = Field(default=None, ge=-1)
+    min_p: Float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: Float | None = Field(default=None, gt=0)
+    ignore_eos: Bool | None = None
+    min_tokens: Int | None = Field(default=None, ge=0)
+    stop_token_ids: list[Annotated[Int, Field(ge=0)]] | None = None
+    skip_special_tokens: Bool | None = None
+    structured_outputs: StructuredOutputs | None = None
+    # Older vLLM spellings of structured_outputs, still sent by some clients.
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+
+    # Fields a server's defaults (the model's generation_config) may fill when a request leaves them out.
+    _DEFAULTABLE: ClassVar[tuple[str, ...]] = (
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+    )
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value: str | list[str] | None) -> str | list[str] | None:
+        items = [value] if isinstance(value, str) else value or []
+        if any(not s for s in items):
+            raise ValueError("stop strings must be non-empty")
+        return value
+
+    @model_validator(mode="after")
+    def _common_checks(self) -> _SamplingRequest:
+        if self.logit_bias:
+            raise InvalidRequestError("logit_bias is not supported", param="logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError(
+                "stream_options is only allowed with stream=true", param="stream_options"
+            )
+        legacy = {
+            k: v
+            for k, v in (
+                ("json", self.guided_json),
+                ("regex", self.guided_regex),
+                ("choice", self.guided_choice),
+            )
+            if v is not None
+        }
+        if legacy:
+            if self.structured_outputs is not None:
+                raise InvalidRequestError(
+                    "give structured_outputs or the older guided_* fields, not both",
+                    param="structured_outputs",
+                )
+            try:
+                self.structured_outputs = StructuredOutputs.model_validate(legacy)
+            except ValidationError as exc:
+                name = "guided_" + next(iter(legacy))
+                raise InvalidRequestError(f"{name}: {exc.errors()[0]['msg']}", param=name) from None
+        _constraint(self.response_format, self.structured_outputs)  # raise early on conflicts
+        max_tokens = self.requested_max_tokens
+        if self.min_tokens is not None and max_tokens is not None and self.min_tokens > max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({max_tokens})",
+                param="min_tokens",
+            )
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        raise NotImplementedError
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk (stream_options.include_usage)."""
+        return bool(self.stream and self.stream_options is not None and self.stream_options.include_usage)
+
+    def _sampling_params(
+        self,
+        *,
+        logprobs: int | None,
+        default_max_tokens: int | None,
+        defaults: Mapping[str, Any] | None,
+        prompt_param: str,
+    ) -> SamplingParams:
+        defaults = defaults or {}
+        kwargs: dict[str, Any] = {k: defaults[k] for k in self._DEFAULTABLE if defaults.get(k) is not None}
+        kwargs.update({k: getattr(self, k) for k in self._DEFAULTABLE if getattr(self, k) is not None})
+        if default_max_tokens is not None and default_max_tokens < 1:
+            raise InvalidRequestError(
+                "the prompt leaves no room to generate within the model's context length", param=prompt_param
+            )
+        # As vLLM: the smallest of what was asked, the server's cap and the room left in the context.
+        limits = [self.requested_max_tokens, defaults.get("max_tokens"), default_max_tokens]
+        limits = [v for v in limits if v is not None]
+        json_schema, regex = _constraint(self.response_format, self.structured_outputs)
+        kwargs.update(
+            n=self.n or 1,
+            seed=self.seed,
+            stop=self.stop,
+            stop_token_ids=self.stop_token_ids,
+            ignore_eos=bool(self.ignore_eos),
+            max_tokens=min(limits) if limits else None,
+            min_tokens=self.min_tokens or 0,
+            logprobs=logprobs,
+            skip_special_tokens=True if self.skip_special_tokens is None else self.skip_special_tokens,
+            json_schema=json_schema,
+            regex=regex,
+        )
+        if kwargs["max_tokens"] is not None and kwargs["min_tokens"] > kwargs["max_tokens"]:
+            raise InvalidRequestError(
+                f"min_tokens ({kwargs['min_tokens']}) must not exceed max_tokens ({kwargs['max_tokens']}, "
+                "after capping to the room left in the context)",
+                param="min_tokens",
+            )
+        try:
+            return SamplingParams(**kwargs)
+        except ValueError as exc:  # a server default out of range; the request's own fields were checked
+            name = str(exc).split(" ", 1)[0]
+            raise InvalidRequestError(str(exc), param=name if name in kwargs else None) from None
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Int | None = Field(default=None, ge=1)
+    max_completion_tokens: Int | None = Field(default=None, ge=1)
+    logprobs: Bool | None = None
+    top_logprobs: Int | None = Field(default=None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: Bool | None = None
+    # vLLM extras for the chat template and media
+    chat_template_kwargs: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+    media_io_kwargs: dict[str, dict[str, Any]] | None = None
+    video_pruning_rate: Float | None = Field(default=None, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _chat_checks(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
+        choice = self.tool_choice
+        names = {t.function.name for t in self.tools or []}
+        if choice == "required" and not names:
+            raise InvalidRequestError('tool_choice "required" needs tools', param="tool_choice")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise InvalidRequestError(
+                f"tool_choice names function {choice.function.name!r}, which is not in tools",
+                param="tool_choice",
+            )
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        """max_completion_tokens, else its older alias max_tokens (OpenAI prefers the newer name)."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def tools_enabled(self) -> bool:
+        """Whether the output should be parsed for tool calls (tools given and tool_choice not "none")."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def to_sampling_params(
+        self, default_max_tokens: int | None = None, defaults: Mapping[str, Any] | None = None
+    ) -> SamplingParams:
+        """SamplingParams for this request.
+
+        `default_max_tokens` is the room left in the context (max_model_len - prompt tokens); `defaults`
+        are the server's sampling defaults (from the model's generation_config) for fields not given.
+        """
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling_params(
+            logprobs=logprobs,
+            default_max_tokens=default_max_tokens,
+            defaults=defaults,
+            prompt_param="messages",
+        )
+
+
+TokenIds = list[Annotated[Int, Field(ge=0)]]
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[str] | TokenIds | list[TokenIds]
+    max_tokens: Int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    logprobs: Int | None = Field(default=None, ge=0, le=20)
+    echo: Bool | None = False
+    suffix: str | None = None
+    best_of: Int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _completion_checks(self) -> CompletionRequest:
+        if self.suffix:
+            raise InvalidRequestError(
+                "suffix is not supported (the model has no fill-in-the-middle mode)", param="suffix"
+            )
+        if isinstance(self.prompt, list) and (not self.prompt or any(p == [] for p in self.prompt)):
+            raise InvalidRequestError("prompt must not be an empty list", param="prompt")
+        if self.best_of is not None and self.best_of > (self.n or 1):
+            raise InvalidRequestError("best_of larger than n is not supported", param="best_of")
+        if self.echo and self.logprobs is not None:
+            raise InvalidRequestError(
+                "echo with logprobs is not supported (prompt log-probabilities are not computed)",
+                param="echo",
+            )
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts in order: one text or one list of token ids each (a batch gives several)."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+    def to_sampling_params(
+        self, default_max_tokens: int | None = None, defaults: Mapping[str, Any] | None = None
+    ) -> SamplingParams:
+        """SamplingParams for this request; arguments as in ChatCompletionRequest.to_sampling_params."""
+        return self._sampling_params(
+            logprobs=self.logprobs,
+            default_max_tokens=default_max_tokens,
+            defaults=defaults,
+            prompt_param="prompt",
+        )
+
+
+def _param_from_loc(loc: Sequence[int | str]) -> str | None:
+    """A dotted path like `messages.0.content` from a pydantic location, minus union-member labels."""
+    keep: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            keep.append(str(part))
+        elif part.isidentifier() and part.islower() and part not in _TYPE_LABELS:
+            keep.append(part)
+    return ".".join(keep) or None
+
+
+_TYPE_LABELS = frozenset({"str", "int", "float", "bool", "dict", "list", "none", "literal"})
+
+
+M = TypeVar("M", bound=OpenAIModel)
+
+
+def parse_request(model: type[M], body: bytes | str | Mapping[str, Any]) -> M:
+    """Validate a request body into `model`, turning every problem into a 400 InvalidRequestError.
+
+    The message names each bad field and why; `param` is the most specific bad field.
+    """
+    try:
+        if isinstance(body, bytes | str):
+            return model.model_validate_json(body)
+        return model.model_validate(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        if any(e["type"] == "json_invalid" for e in errors):
+            raise InvalidRequestError(f"the request body is not valid JSON: {errors[0]['msg']}") from None
+        if any(e["type"] == "model_type" and not e["loc"] for e in errors):
+            raise InvalidRequestError("the request body must be a JSON object") from None
+        # The deepest location is usually the branch of a union the client meant; the shallower
+        # errors of the other branches ("content: Input should be a valid string") are noise.
+        errors.sort(key=lambda e: -len(e["loc"]))
+        found: list[tuple[str | None, str]] = []
+        for e in errors:
+            where = _param_from_loc(e["loc"])
+            if where and any(w and w.startswith(where + ".") for w, _ in found):
+                continue
+            found.append((where, f"{where}: {e['msg']}" if where else e["msg"]))
+        shown = "; ".join(text for _, text in found[:3])
+        more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+        raise InvalidRequestError(f"invalid request: {shown}{more}", param=found[0][0]) from None
+
+
+# ---------------------------------------------------------------- responses
+
+
+class ResponseModel(BaseModel):
+    """Response side: keys named in `_omit_if_none` are left out when None, the rest always sent."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    _omit_if_none: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _drop_absent(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        for key in self._omit_if_none:
+            if data.get(key, 0) is None:
+                del data[key]
+        return data
+
+
+class PromptTokensDetails(ResponseModel):
+    cached_tokens: int = 0
+
+
+class VideoTokens(ResponseModel):
+    total: int
+    kept: int
+
+
+class Usage(ResponseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
+    video_tokens: VideoTokens | None = None
+    _omit_if_none = frozenset({"prompt_tokens_details", "video_tokens"})
+
+    @classmethod
+    def make(
+        cls,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_tokens: int | None = None,
+        video_tokens: Mapping[str, int] | None = None,
+    ) -> Usage:
+        """Usage with the total filled in; `video_tokens` as RequestOutput.video_tokens gives it."""
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=None
+            if cached_tokens is None
+            else PromptTokensDetails(cached_tokens=cached_tokens),
+            video_tokens=None if video_tokens is None else VideoTokens(**video_tokens),
+        )
+
+
+class TopLogprob(ResponseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(ResponseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(ResponseModel):
+    content: list[TokenLogprob] | None = None
+
+
+class CompletionLogprobs(ResponseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, _MIN_LOGPROB) if not math.isnan(logprob) else _MIN_LOGPROB
+
+
+def _token_text(token_id: int, entry: Logprob | None) -> str:
+    if entry is not None and entry.decoded_token is not None:
+        return entry.decoded_token
+    return f"token_id:{token_id}"  # vLLM's spelling when a token has no text
+
+
+def _ranked(step: Mapping[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
+    """The k most likely of one step's entries (the sampled token is in `step` even when not top-k)."""
+    order = sorted(step.items(), key=lambda kv: (kv[1].rank is None, kv[1].rank or 0, -kv[1].logprob))
+    return order[:k]
+
+
+def chat_logprobs(
+    token_ids: Sequence[int], logprobs: Sequence[Mapping[int, Logprob]], top_logprobs: int
+) -> ChatLogprobs:
+    """OpenAI chat logprobs from CompletionOutput.token_ids/.logprobs (one dict per generated token)."""
+    content = []
+    for token_id, step in zip(token_ids, logprobs):
+        entry = step.get(token_id)
+        text = _token_text(token_id, entry)
+        tops = [
+            TopLogprob(token=(t := _token_text(i, lp)), logprob=_finite(lp.logprob), bytes=list(t.encode()))
+            for i, lp in _ranked(step, top_logprobs)
+        ]
+        content.append(
+            TokenLogprob(
+                token=text,
+                logprob=_finite(entry.logprob) if entry is not None else _MIN_LOGPROB,
+                bytes=list(text.encode()),
+                top_logprobs=tops,
+            )
+        )
+    return ChatLogprobs(content=content)
+
+
+def completion_logprobs(
+    token_ids: Sequence[int],
+    logprobs: Sequence[Mapping[int, Logprob]],
+    top_logprobs: int,
+    text_offset: int = 0,
+) -> CompletionLogprobs:
+    """OpenAI completions logprobs; `text_offset` is where this text starts (stream position, echo)."""
+    out = CompletionLogprobs()
+    offset = text_offset
+    for token_id, step in zip(token_ids, logprobs):
+        entry = step.get(token_id)
+        text = _token_text(token_id, entry)
+        out.tokens.append(text)
+        out.token_logprobs.append(_finite(entry.logprob) if entry is not None else None)
+        out.top_logprobs.append(
+            {_token_text(i, lp): _finite(lp.logprob) for i, lp in _ranked(step, top_logprobs)}
+            if top_logprobs
+            else None
+        )
+        out.text_offset.append(offset)
+        offset += len(text)
+    return out
+
+
+class ResponseFunctionCall(ResponseModel):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(ResponseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
+class ChatCompletionMessage(ResponseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
+    _omit_if_none = frozenset({"tool_calls"})
+
+
+class ChatCompletionChoice(ResponseModel):
+    index: int
+    message: ChatCompletionMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None  # "stop", "length", "tool_calls", "abort"
+    stop_reason: int | str | None = None  # vLLM's extra: the stop string or token id
+
+
+class ChatCompletionResponse(ResponseModel):
+    id: str = Field(default_factory=lambda: random_id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage | None = None
+
+
+class DeltaFunctionCall(ResponseModel):
+    name: str | None = None
+    arguments: str | None = None
+    _omit_if_none = frozenset({"name", "arguments"})
+
+
+class DeltaToolCall(ResponseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+    _omit_if_none = frozenset({"id", "type", "function"})
+
+
+class DeltaMessage(ResponseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
+    _omit_if_none = frozenset({"role", "content", "reasoning_content", "tool_calls"})
+
+
+class ChatCompletionChunkChoice(ResponseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    _omit_if_none = frozenset({"stop_reason"})
+
+
+class ChatCompletionChunk(ResponseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionChunkChoice] = Field(default_factory=list)
+    usage: Usage | None = None
+    _omit_if_none = frozenset({"usage"})
+
+
+class CompletionChoice(ResponseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(ResponseModel):
+    id: str = Field(default_factory=lambda: random_id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class CompletionChunk(ResponseModel):
+    """One streamed piece; OpenAI names stream chunks "text_completion" too."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice] = Field(default_factory=list)
+    usage: Usage | None = None
+    _omit_if_none = frozenset({"usage"})
+
+
+class ModelCard(ResponseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "glimpse"
+    root: str | None = None
+    max_model_len: int | None = None
+    _omit_if_none = frozenset({"root", "max_model_len"})
+
+
+class ModelList(ResponseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard] = Field(default_factory=list)
+
+
+class ErrorInfo(ResponseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(ResponseModel):
+    error: ErrorInfo
+
+    @classmethod
+    def from_error(cls, exc: GlimpseError) -> ErrorResponse:
+        """The body for a GlimpseError; answer it with status `exc.status` (== `code`)."""
+        return cls(
+            error=ErrorInfo(message=exc.message, type=exc.error_type, param=exc.param, code=exc.status)
+        )
