@@ -272,3 +272,82 @@ def llm_config_dict(d: dict[str, Any]) -> dict[str, Any]:
 
 def is_vl_config(d: dict[str, Any]) -> bool:
     return "vision_config" in d and any(isinstance(d.get(k), dict) for k in ("llm_config", "text_config"))
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class VLConfig:
+    """The VL checkpoint (`NemotronH_Nano_VL_V2`): the language model plus the image/video geometry.
+
+    The vision encoder's own config is read with the checkpoint's tensor shapes (model/radio.py)."""
+
+    llm: NemotronHConfig
+    vision_config: dict[str, Any]
+    force_image_size: int = 512
+    patch_size: int = 16
+    downsample_ratio: float = 0.5
+    ps_version: str = "v2"
+    projector_hidden_size: int = 20480
+    vit_hidden_size: int = 1280
+    norm_mean: tuple[float, float, float] = CLIP_MEAN
+    norm_std: tuple[float, float, float] = CLIP_STD
+    use_thumbnail: bool = True
+    max_num_tiles: int = 12
+    img_context_token: str = "<image>"
+    img_start_token: str = "<img>"
+    img_end_token: str = "</img>"
+    video_pruning_rate: float = 0.0
+
+    @property
+    def tokens_per_tile(self) -> int:
+        side = int(self.force_image_size // self.patch_size * self.downsample_ratio)
+        return side * side
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VLConfig:
+        if d.get("ps_version", "v2") != "v2":
+            raise CheckpointError(f"ps_version {d['ps_version']!r} is not supported (only 'v2')")
+        return cls(
+            llm=NemotronHConfig.from_dict(llm_config_dict(d)),
+            vision_config=dict(d.get("vision_config") or {}),
+            force_image_size=int(d.get("force_image_size") or 512),
+            patch_size=int(d.get("patch_size") or 16),
+            downsample_ratio=float(d.get("downsample_ratio") or 0.5),
+            ps_version=str(d.get("ps_version", "v2")),
+            projector_hidden_size=int(d.get("projector_hidden_size") or 20480),
+            vit_hidden_size=int(d.get("vit_hidden_size") or 1280),
+            norm_mean=tuple(d.get("norm_mean") or CLIP_MEAN),
+            norm_std=tuple(d.get("norm_std") or CLIP_STD),
+            use_thumbnail=bool(d.get("use_thumbnail", True)),
+            max_num_tiles=int(d.get("max_num_tiles") or d.get("max_dynamic_patch") or 12),
+            img_context_token=str(d.get("img_context_token") or "<image>"),
+            img_start_token=str(d.get("img_start_token") or "<img>"),
+            img_end_token=str(d.get("img_end_token") or "</img>"),
+            video_pruning_rate=float(d.get("video_pruning_rate") or 0.0),
+        )
+
+    def to_dict(self, style: Literal["nvidia", "legacy", "transformers"] = "nvidia") -> dict[str, Any]:
+        llm = self.llm.to_dict(style)
+        return {
+            "architectures": ["NemotronH_Nano_VL_V2"],
+            "model_type": "NemotronH_Nano_VL_V2",
+            "llm_config": llm,
+            "vision_config": self.vision_config,
+            "force_image_size": self.force_image_size,
+            "patch_size": self.patch_size,
+            "downsample_ratio": self.downsample_ratio,
+            "ps_version": self.ps_version,
+            "projector_hidden_size": self.projector_hidden_size,
+            "vit_hidden_size": self.vit_hidden_size,
+            "norm_mean": list(self.norm_mean),
+            "norm_std": list(self.norm_std),
+            "use_thumbnail": self.use_thumbnail,
+            "max_num_tiles": self.max_num_tiles,
+            "img_context_token": self.img_context_token,
+            "img_start_token": self.img_start_token,
+            "img_end_token": self.img_end_token,
+            "torch_dtype": "bfloat16",
+        }

@@ -114,6 +114,18 @@ def iter_tensors(
                 yield name, (lambda f=f, name=name: f.get_tensor(name)), shape
 
 
+def tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape from the shard headers alone (no data read): configs leave some counts
+    unsaid, the shapes tell them."""
+    shapes = {}
+    for path in files:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+        shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
 def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
     *path, leaf = name.split(".")
     owner = module.get_submodule(".".join(path)) if path else module

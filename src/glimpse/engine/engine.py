@@ -24,6 +24,7 @@ from glimpse.engine.cache import (
     state_bytes_per_sequence,
 )
 from glimpse.engine.detokenizer import IncrementalDetokenizer
+from glimpse.engine.encoder_cache import EncoderCache
 from glimpse.engine.request import MediaSpan, Request, Sequence, SequenceStatus
 from glimpse.engine.runner import ModelRunner
 from glimpse.engine.sampler import SequenceSamplingState, make_generator
@@ -50,6 +51,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     cache_memory_bytes: int | None = None
     block_size: int = 16
+    encoder_cache_bytes: int | None = None  # vision embeddings kept for reuse (default 2 GiB GPU, 512 MiB CPU)
     video_pruning_rate: float = 0.0
     allowed_local_media_path: str | None = None
     allow_private_media_urls: bool = True
@@ -119,12 +121,15 @@ class LLMEngine:
         )
         self.cache = CacheManager(BlockPool(blocks, cfg.block_size), SlotPool(slots))
         self.scheduler = Scheduler(self.cache, cfg.max_num_batched_tokens, min(cfg.max_num_seqs, slots))
-        self.runner = ModelRunner(self.model, self.cache_tensors, self.device, self.eos_token_ids)
+        self._default_generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.runner = ModelRunner(
+            self.model, self.cache_tensors, self.device, self.eos_token_ids, self._default_generator
+        )
+        self.encoder_cache = EncoderCache(cfg.encoder_cache_bytes or (2 << 30 if self.device.type == "cuda" else 512 << 20))
         self.processor = InputProcessor(self)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
-        self._default_generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         log.info(
             "engine ready: %s on %s (%s), %d state slots, %d KV blocks of %d, max_model_len %d",
             self.model_dir, self.device, self.dtype, slots, blocks, cfg.block_size, self.max_model_len,
@@ -187,12 +192,11 @@ class LLMEngine:
         )  # fmt: skip
         for i in range(params.n):
             seq = Sequence(next(self._seq_ids), req, i)
-            generator = make_generator(params.seed, i, self.device)
             seq.sampling_state = SequenceSamplingState(
                 params=params,
                 prompt_token_ids=req.prompt_token_ids,
                 output_token_ids=seq.output_token_ids,
-                generator=generator if generator is not None else self._default_generator,
+                generator=make_generator(params.seed, i, self.device),  # None: the engine's shared stream
                 child_index=i,
             )
             seq.detokenizer = IncrementalDetokenizer(

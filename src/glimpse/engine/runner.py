@@ -12,9 +12,15 @@ from glimpse.model.batch import CacheTensors, ForwardBatch
 
 class ModelRunner:
     def __init__(
-        self, model: torch.nn.Module, cache: CacheTensors, device: torch.device, eos_token_ids: list[int]
+        self,
+        model: torch.nn.Module,
+        cache: CacheTensors,
+        device: torch.device,
+        eos_token_ids: list[int],
+        generator: torch.Generator | None = None,
     ):
         self.model = model
+        self.generator = generator  # the draws of unseeded sequences
         self.cache = cache
         self.device = device
         self.eos_token_ids = eos_token_ids
@@ -80,5 +86,5 @@ class ModelRunner:
         if not due:
             return [], None
         seqs = [chunks[i].seq for i in due]
-        result = sample(logits, [s.sampling_state for s in seqs], self.eos_token_ids)
+        result = sample(logits, [s.sampling_state for s in seqs], self.eos_token_ids, generator=self.generator)
         return seqs, result

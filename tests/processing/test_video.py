@@ -1,0 +1,419 @@
+"""Video sampling, seeking decode and per-frame prompt text.
+
+The test videos are made here with PyAV; every frame paints its own index in big black and white blocks,
+so a test reads back exactly which frame was decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from glimpse.errors import InvalidRequestError, LimitExceededError, MediaError
+from glimpse.processing.video import (
+    IMAGE_TOKEN,
+    PromptPiece,
+    clip_from_frames,
+    decode_video,
+    frame_prompt_text,
+    pieces_to_text,
+    sample_frames,
+    separators_for_frame_list,
+)
+
+WIDTH, HEIGHT = 64, 48
+BLOCK = 8  # pixels; aligned with the codecs' 8x8 transform so the blocks survive compression
+BITS = 16  # two rows of eight blocks: indices up to 65535
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def index_image(index: int) -> np.ndarray:
+    """A frame that shows its index in binary: block b (row-major, 8 per row) is white when bit b is set."""
+    bits = np.array([(index >> b) & 1 for b in range(BITS)], dtype=np.uint8).reshape(2, 8)
+    gray = np.full((HEIGHT, WIDTH), 128, dtype=np.uint8)
+    gray[: 2 * BLOCK] = np.kron(bits * 255, np.ones((BLOCK, BLOCK), dtype=np.uint8))
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def read_index(frame: np.ndarray) -> int:
+    """The index painted by index_image, read from the block centres (works after squashing too)."""
+    h, w = frame.shape[:2]
+    value = 0
+    for b in range(BITS):
+        row, col = divmod(b, 8)
+        y = int((row + 0.5) * BLOCK / HEIGHT * h)
+        x = int((col + 0.5) * BLOCK / WIDTH * w)
+        if frame[y, x].mean() > 128:
+            value |= 1 << b
+    return value
+
+
+def have_encoder(name: str) -> bool:
+    try:
+        av.codec.Codec(name, "w")
+    except Exception:
+        return False
+    return True
+
+
+H264 = "libx264" if have_encoder("libx264") else "mpeg4"
+
+
+def write_video(
+    path: Path,
+    count: int,
+    rate: Fraction | int,
+    gop: int,
+    *,
+    codec: str = "mpeg4",
+    b_frames: int = 0,
+    start_seconds: float = 0.0,
+    pts_ms: list[int] | None = None,
+) -> Path:
+    """Encode frames 0..count-1 with a fixed keyframe interval; shift all timestamps by start_seconds.
+
+    `pts_ms` gives each frame's own time in milliseconds (variable frame rate).
+    """
+    options = {"g": str(gop), "sc_threshold": "1000000000", "bf": str(b_frames)}
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=rate, options=options)
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        if pts_ms is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        shift: int | None = None
+        for i in [*range(count), None]:
+            frame = None
+            if i is not None:
+                frame = av.VideoFrame.from_ndarray(index_image(i), format="rgb24")
+                if pts_ms is not None:
+                    frame.pts, frame.time_base = pts_ms[i], Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                if shift is None:
+                    shift = round(start_seconds / packet.time_base)
+                packet.pts += shift
+                packet.dts += shift
+                container.mux(packet)
+    return path
+
+
+def decoded_indices(clip) -> list[int]:
+    return [read_index(frame) for frame in clip.frames]
+
+
+def find_golden() -> Path | None:
+    """shared/reference/video.json beside the checkout (or named by GLIMPSE_SHARED)."""
+    candidates = [Path(os.environ["GLIMPSE_SHARED"])] if "GLIMPSE_SHARED" in os.environ else []
+    here = Path(__file__).resolve()
+    candidates += [parent / "shared" for parent in here.parents]
+    for shared in candidates:
+        if (shared / "reference" / "video.json").is_file():
+            return shared / "reference" / "video.json"
+    return None
+
+
+GOLDEN = find_golden()
+GOLDEN_CASES = json.loads(GOLDEN.read_text())["cases"] if GOLDEN else []
+
+
+# --------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def videos(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("videos")
+
+
+@pytest.fixture(scope="session")
+def short_mp4(videos) -> Path:
+    """90 frames at 30 fps (golden case 2), mpeg4, a keyframe every 12 frames."""
+    return write_video(videos / "short.mp4", 90, 30, 12)
+
+
+@pytest.fixture(scope="session")
+def ntsc_mp4(videos) -> Path:
+    """300 frames at 29.97 fps (golden case 1), H.264 with B-frames (pts and dts differ)."""
+    return write_video(videos / "ntsc.mp4", 300, Fraction(2997, 100), 30, codec=H264, b_frames=2)
+
+
+@pytest.fixture(scope="session")
+def offset_mkv(videos) -> Path:
+    """Matroska states no frame count; this one starts at 10 s."""
+    return write_video(videos / "offset.mkv", 300, 30, 30, codec=H264, b_frames=2, start_seconds=10.0)
+
+
+@pytest.fixture(scope="session")
+def offset_ts(videos) -> Path:
+    """MPEG-TS: no frame count, no index, seeks by dts; starts at 10 s."""
+    return write_video(videos / "offset.ts", 300, 30, 30, codec=H264, b_frames=2, start_seconds=10.0)
+
+
+@pytest.fixture(scope="session")
+def long_mp4(videos) -> Path:
+    """Two hours at 2 fps (14,400 frames), a keyframe every 5 s; about a second to encode at 64x48."""
+    return write_video(videos / "long.mp4", 14400, 2, 10)
+
+
+# --------------------------------------------------------------------------------------------- sampling
+
+
+@pytest.mark.skipif(not GOLDEN_CASES, reason="shared/reference/video.json not found")
+@pytest.mark.parametrize("case", GOLDEN_CASES, ids=lambda c: f"{c['total_frames']}@{c['original_fps']}")
+def test_sample_frames_matches_golden(case):
+    known = {"total_frames", "original_fps", "fps", "num_frames"}
+    known |= {"frame_indices", "timestamps", "separators", "true_seconds"}
+    assert set(case) <= known, f"golden case has fields this test doesn't check: {set(case) - known}"
+    indices, timestamps, separators = sample_frames(
+        case["total_frames"], case["original_fps"], case["fps"], case["num_frames"]
+    )
+    assert indices == case["frame_indices"]
+    assert timestamps == case["timestamps"]
+    assert separators == case["separators"]
+    if "true_seconds" in case:
+        true_seconds = [i / case["original_fps"] for i in indices]
+        assert true_seconds == pytest.approx(case["true_seconds"], abs=5e-4)
+
+
+def test_sample_frames_takes_every_frame_when_few():
+    indices, timestamps, separators = sample_frames(10, 5.0, fps=10, num_frames=128)
+    assert indices == list(range(10))
+    assert timestamps[:3] == [0.0, 0.2, 0.4]
+    assert separators[0] == "Frame 1 sampled at 0.00 seconds: "
+    assert separators[1] == "\nFrame 2 sampled at 0.20 seconds: "
+
+
+def test_sample_frames_rejects_bad_arguments():
+    with pytest.raises(InvalidRequestError):
+        sample_frames(100, 30.0, fps=0)
+    with pytest.raises(InvalidRequestError):
+        sample_frames(100, 30.0, num_frames=0)
+    with pytest.raises(MediaError):
+        sample_frames(0, 30.0)
+    with pytest.raises(MediaError):
+        sample_frames(100, 0.0)
+
+
+def test_separators_for_frame_list():
+    assert separators_for_frame_list(3) == ["Frame 1: ", "\nFrame 2: ", "\nFrame 3: "]
+    assert separators_for_frame_list(3, video_fps=30.0) == [
+        "Frame 1 sampled at 0.00 seconds: ",
+        "\nFrame 2 sampled at 0.03 seconds: ",
+        "\nFrame 3 sampled at 0.07 seconds: ",
+    ]
+
+
+# --------------------------------------------------------------------------------------------- decoding
+
+
+def test_decode_short_video(short_mp4):
+    clip = decode_video(short_mp4)
+    indices, timestamps, separators = sample_frames(90, 30.0)
+    assert clip.frame_indices == indices == [0, 17, 35, 53, 71, 89]
+    assert decoded_indices(clip) == indices
+    assert clip.timestamps == timestamps == [0.0, 0.561, 1.155, 1.749, 2.343, 2.937]
+    assert clip.seconds == pytest.approx([i / 30 for i in indices])
+    assert clip.separators == separators
+    assert (clip.original_fps, clip.total_frames, clip.duration) == (30.0, 90, 3.0)
+    assert all(f.shape == (HEIGHT, WIDTH, 3) and f.dtype == np.uint8 for f in clip.frames)
+
+
+def test_decode_bytes_matches_path(short_mp4):
+    from_path = decode_video(str(short_mp4), fps=4, num_frames=9)
+    from_bytes = decode_video(short_mp4.read_bytes(), fps=4, num_frames=9)
+    assert from_bytes.frame_indices == from_path.frame_indices
+    assert decoded_indices(from_bytes) == from_path.frame_indices
+    for a, b in zip(from_bytes.frames, from_path.frames):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_decode_every_frame_in_order(short_mp4):
+    clip = decode_video(short_mp4, fps=100, num_frames=1000)
+    assert clip.frame_indices == list(range(90))
+    assert decoded_indices(clip) == list(range(90))
+
+
+@pytest.mark.skipif(not GOLDEN_CASES, reason="shared/reference/video.json not found")
+def test_decode_ntsc_b_frames_matches_golden(ntsc_mp4):
+    case = GOLDEN_CASES[0]
+    assert (case["total_frames"], case["original_fps"]) == (300, 29.97)
+    clip = decode_video(ntsc_mp4, fps=case["fps"], num_frames=case["num_frames"])
+    assert clip.original_fps == pytest.approx(29.97)
+    assert clip.total_frames == 300
+    assert clip.frame_indices == case["frame_indices"]
+    assert decoded_indices(clip) == case["frame_indices"]
+    assert clip.timestamps == case["timestamps"]
+    assert clip.separators == case["separators"]
+    assert clip.seconds == pytest.approx(case["true_seconds"], abs=5e-4)
+
+
+@pytest.mark.parametrize("fps", [2, 0.4])  # 0.4: samples 74 frames apart, so the reader seeks
+@pytest.mark.parametrize("name", ["offset_mkv", "offset_ts"])
+def test_decode_without_frame_count_and_late_start(name, fps, request):
+    clip = decode_video(request.getfixturevalue(name), fps=fps)
+    assert clip.total_frames == 300
+    assert clip.duration == pytest.approx(10.0)
+    expected = sample_frames(300, 30.0, fps=fps)[0]
+    assert clip.frame_indices == expected
+    assert decoded_indices(clip) == expected
+
+
+def test_decode_squashes_frames(short_mp4):
+    clip = decode_video(short_mp4, size=48)
+    assert all(f.shape == (48, 48, 3) for f in clip.frames)
+    assert decoded_indices(clip) == clip.frame_indices
+
+
+def test_variable_frame_rate_picks_frames_by_time(videos):
+    pts_ms = [i * 33 for i in range(30)] + [990 + i * 66 for i in range(30)]
+    path = write_video(videos / "vfr.mkv", 60, 30, 15, pts_ms=pts_ms)
+    clip = decode_video(path, fps=4)
+    got = decoded_indices(clip)
+    assert got[0] == 0 and got == sorted(got)
+    shown_at = [pts_ms[i] / 1000 for i in got]
+    assert shown_at == pytest.approx(clip.seconds, abs=0.07)
+
+
+def test_long_video_seeks_instead_of_decoding_everything(long_mp4, caplog):
+    caplog.set_level(logging.DEBUG, logger="glimpse.processing.video")
+    started = time.perf_counter()
+    clip = decode_video(long_mp4, fps=2, num_frames=128)
+    elapsed = time.perf_counter() - started
+    expected = sample_frames(14400, 2.0)[0]
+    assert clip.frame_indices == expected and len(expected) == 128
+    assert decoded_indices(clip) == expected
+    assert clip.seconds[-1] == pytest.approx(7199.5)
+    assert elapsed < 20, f"sampling a 2-hour video took {elapsed:.1f} s"
+    decoded = [r.decoded_frames for r in caplog.records if hasattr(r, "decoded_frames")]
+    assert decoded and decoded[-1] < 14400 // 4, f"decoded {decoded} frames of 14400"
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+
+def _wav_bytes() -> bytes:
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="wav") as container:
+        stream = container.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "empty",
+        "random",
+        "text",
+        "text_file",
+        "missing_file",
+        "audio_only",
+        "truncated_mp4",
+        "protocol_in_path",
+        "url_as_path",
+    ],
+)
+def test_undecodable_input_is_media_error(source, short_mp4, tmp_path):
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("not a video\n" * 50)
+    inputs = {
+        "empty": b"",
+        "random": np.random.default_rng(0).bytes(4096),
+        "text": b"hello, this is not a video\n" * 100,
+        "text_file": str(text_file),
+        "missing_file": str(tmp_path / "missing.mp4"),
+        "audio_only": _wav_bytes(),
+        "truncated_mp4": short_mp4.read_bytes()[:2000],  # the index (moov) is at the end
+        "protocol_in_path": f"concat:{short_mp4}|{short_mp4}",  # only plain local files
+        "url_as_path": "http://127.0.0.1:9/video.mp4",  # never fetched: no network protocol allowed
+    }
+    with pytest.raises(MediaError) as err:
+        decode_video(inputs[source])
+    assert err.value.status == 400
+    assert err.value.message
+
+
+def test_limits_are_413(short_mp4):
+    with pytest.raises(LimitExceededError, match="3.0 s long") as err:
+        decode_video(short_mp4, max_seconds=2)
+    assert err.value.status == 413
+    with pytest.raises(LimitExceededError, match="6 frames"):
+        decode_video(short_mp4, max_frames=5)
+    assert decode_video(short_mp4, max_frames=6, max_seconds=3).num_frames == 6
+
+
+def test_bad_sampling_arguments_are_400(short_mp4):
+    with pytest.raises(InvalidRequestError):
+        decode_video(short_mp4, fps=-1)
+    with pytest.raises(InvalidRequestError):
+        decode_video(short_mp4, num_frames=0)
+
+
+# --------------------------------------------------------------------------------------------- frame lists
+
+
+def test_frame_list_without_fps():
+    frames = [Image.fromarray(index_image(i)) for i in range(3)]
+    clip = clip_from_frames(frames, None)
+    assert clip.frame_indices == [0, 1, 2]
+    assert clip.separators == ["Frame 1: ", "\nFrame 2: ", "\nFrame 3: "]
+    assert clip.timestamps is None and clip.seconds is None and clip.duration is None
+    assert [read_index(f) for f in clip.frames] == [0, 1, 2]
+
+
+def test_frame_list_with_fps():
+    frames = [index_image(i) for i in range(40)]
+    clip = clip_from_frames(frames, video_fps=29.97)
+    assert clip.frame_indices == list(range(40))
+    assert clip.timestamps[15] == 0.495  # 33 whole milliseconds per frame, as the reference
+    assert clip.separators[15] == "\nFrame 16 sampled at 0.49 seconds: "
+    assert clip.seconds[15] == pytest.approx(15 / 29.97)
+    assert clip.duration == pytest.approx(40 / 29.97)
+
+
+def test_frame_list_rejects_bad_frames():
+    with pytest.raises(MediaError):
+        clip_from_frames([], None)
+    with pytest.raises(MediaError):
+        clip_from_frames([np.zeros((4, 4), np.uint8)], None)
+    with pytest.raises(MediaError):
+        clip_from_frames([np.zeros((4, 4, 3), np.float32)], None)
+    with pytest.raises(LimitExceededError):
+        clip_from_frames([index_image(0)] * 3, None, max_frames=2)
+
+
+# --------------------------------------------------------------------------------------------- prompt
+
+
+def test_frame_prompt_text_pieces():
+    clip = clip_from_frames([index_image(0), index_image(1)], video_fps=2.0)
+    pieces = frame_prompt_text(clip, [3, 0])
+    assert pieces == [
+        PromptPiece("text", "Frame 1 sampled at 0.00 seconds: "),
+        PromptPiece("text", "<img>"),
+        PromptPiece("image", 3),
+        PromptPiece("text", "</img>"),
+        PromptPiece("text", "\nFrame 2 sampled at 0.50 seconds: "),
+        PromptPiece("text", "<img>"),
+        PromptPiece("image", 0),
+        PromptPiece("text", "</img>"),
+    ]
+    assert pieces_to_text(pieces) == (
+        "Frame 1 sampled at 0.00 seconds: <img>" + IMAGE_TOKEN * 3 + "</img>"
+        "\nFrame 2 sampled at 0.50 seconds: <img></img>"
+    )
+    with pytest.raises(ValueError):
+        frame_prompt_text(clip, [1])
