@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from glimpse.config import NemotronHConfig
+from glimpse.engine.prefix_cache import PrefixCache
 from glimpse.model.batch import CacheTensors
 
 
@@ -115,40 +116,96 @@ class BlockPool:
 
 
 class CacheManager:
-    """Gives sequences the memory they need (KV blocks, a state slot) and takes it back."""
+    """Gives sequences the memory they need (KV blocks, a state slot) and takes it back.
 
-    def __init__(self, blocks: BlockPool, slots: SlotPool) -> None:
+    With a prefix cache, blocks nobody holds keep their contents while they can (evicted least recently
+    used first when memory is short), and idle state slots hold Mamba snapshots at chosen boundaries:
+    running sequences always win a slot from a snapshot.
+    """
+
+    def __init__(
+        self, blocks: BlockPool, slots: SlotPool, prefix: PrefixCache | None = None, copy_state=None
+    ) -> None:
         self.blocks = blocks
         self.slots = slots
+        self.prefix = prefix
+        self._copy_state = copy_state  # (src_slot, dst_slot) -> None, copies every Mamba layer's state
 
-    def can_admit(self) -> bool:
-        return self.slots.num_free > 0
+    # Blocks ---------------------------------------------------------------------------------------------
+    def _take_blocks(self, n: int) -> list[int] | None:
+        while self.blocks.num_free < n and self.prefix is not None and self.prefix.evictable:
+            block, orphan_slot = self.prefix.evict_block()
+            self.blocks.give_back([block])
+            if orphan_slot is not None:
+                self.slots.free(orphan_slot)
+        return self.blocks.allocate(n)
+
+    def _release_blocks(self, blocks: list[int]) -> None:
+        for b in self.blocks.release(blocks):
+            if self.prefix is not None and self.prefix.keeps(b):
+                self.prefix.make_evictable(b)
+            else:
+                self.blocks.give_back([b])
 
     def grow(self, seq, num_tokens: int) -> bool:
         """Make room for the sequence's first `num_tokens` tokens; False when memory is short."""
         need = self.blocks.blocks_needed(num_tokens) - len(seq.block_ids)
         if need <= 0:
             return True
-        new = self.blocks.allocate(need)
+        new = self._take_blocks(need)
         if new is None:
             return False
         seq.block_ids.extend(new)
         return True
 
-    def admit(self, seq) -> bool:
+    # Slots ----------------------------------------------------------------------------------------------
+    def _take_slot(self) -> int | None:
         slot = self.slots.allocate()
+        if slot is None and self.prefix is not None and self.prefix.snapshots:
+            slot = self.prefix.evict_snapshot()
+        return slot
+
+    def admit(self, seq) -> bool:
+        """Give a waiting sequence a state slot and, on a prefix hit, the cached blocks and state."""
+        slot = self._take_slot()
         if slot is None:
             return False
         seq.slot = slot
+        if self.prefix is not None:
+            hit = self.prefix.match(seq, self.blocks)
+            if hit:
+                blocks, snapshot = hit
+                seq.block_ids = list(blocks)
+                self._copy_state(snapshot, slot)
+                seq.num_computed_tokens = len(blocks) * self.blocks.block_size
+                seq.num_cached_tokens = max(seq.num_cached_tokens, seq.num_computed_tokens)
         return True
 
     def free(self, seq) -> None:
         if seq.block_ids:
-            self.blocks.give_back(self.blocks.release(seq.block_ids))
+            self._release_blocks(seq.block_ids)
             seq.block_ids = []
         if seq.slot is not None:
             self.slots.free(seq.slot)
             seq.slot = None
 
+    def on_computed(self, seq) -> None:
+        """After a step: remember the sequence's newly completed blocks and, at a chosen boundary, its state."""
+        if self.prefix is None:
+            return
+        self.prefix.register_blocks(seq, self.blocks.block_size)
+        if seq.num_computed_tokens in seq.snapshot_points:
+            slot = self.slots.allocate()
+            if slot is None and self.prefix.snapshots:
+                slot = self.prefix.evict_snapshot()
+            if slot is not None:
+                self._copy_state(seq.slot, slot)
+                if not self.prefix.add_snapshot(seq, self.blocks.block_size, slot):
+                    self.slots.free(slot)
+
     def all_free(self) -> bool:
-        return self.blocks.num_free == self.blocks.num_blocks and self.slots.num_free == self.slots.num_slots
+        """No block and no slot is held by a sequence (the prefix cache may keep evictable ones)."""
+        held_slots = (
+            self.slots.num_slots - self.slots.num_free - (len(self.prefix.snapshots) if self.prefix else 0)
+        )
+        return all(c == 0 for c in self.blocks.ref_count) and held_slots == 0

@@ -25,6 +25,7 @@ from glimpse.engine.cache import (
 )
 from glimpse.engine.detokenizer import IncrementalDetokenizer
 from glimpse.engine.encoder_cache import EncoderCache
+from glimpse.engine.prefix_cache import PrefixCache, prompt_block_hashes, snapshot_points
 from glimpse.engine.request import MediaSpan, Request, Sequence, SequenceStatus
 from glimpse.engine.runner import ModelRunner
 from glimpse.engine.sampler import SequenceSamplingState, make_generator
@@ -51,7 +52,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     cache_memory_bytes: int | None = None
     block_size: int = 16
-    encoder_cache_bytes: int | None = None  # vision embeddings kept for reuse (default 2 GiB GPU, 512 MiB CPU)
+    encoder_cache_bytes: int | None = (
+        None  # vision embeddings kept for reuse (default 2 GiB GPU, 512 MiB CPU)
+    )
     video_pruning_rate: float = 0.0
     allowed_local_media_path: str | None = None
     allow_private_media_urls: bool = True
@@ -89,7 +92,9 @@ def _plan_memory(
         log.warning("max_model_len capped from %d to %d by cache memory", max_len, fit)
         max_len = fit
         kv_floor = -(-max_len // cfg.block_size) * per_block
-    slots = int(max(1, min(cfg.max_num_seqs, (budget - kv_floor) // per_seq)))
+    # With prefix caching a few extra slots hold Mamba snapshots (running sequences take them back first).
+    extra = max(2, cfg.max_num_seqs // 8) if cfg.enable_prefix_caching else 0
+    slots = int(max(1, min(cfg.max_num_seqs + extra, (budget - kv_floor) // per_seq)))
     blocks = int((budget - slots * per_seq) // per_block)
     return slots, blocks, max_len
 
@@ -119,13 +124,18 @@ class LLMEngine:
         self.cache_tensors = allocate_cache_tensors(
             self.config, slots, blocks, cfg.block_size, self.dtype, self.ssm_dtype, self.device
         )
-        self.cache = CacheManager(BlockPool(blocks, cfg.block_size), SlotPool(slots))
+        self.prefix_cache = PrefixCache() if cfg.enable_prefix_caching else None
+        self.cache = CacheManager(
+            BlockPool(blocks, cfg.block_size), SlotPool(slots), self.prefix_cache, self._copy_state
+        )
         self.scheduler = Scheduler(self.cache, cfg.max_num_batched_tokens, min(cfg.max_num_seqs, slots))
         self._default_generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.runner = ModelRunner(
             self.model, self.cache_tensors, self.device, self.eos_token_ids, self._default_generator
         )
-        self.encoder_cache = EncoderCache(cfg.encoder_cache_bytes or (2 << 30 if self.device.type == "cuda" else 512 << 20))
+        self.encoder_cache = EncoderCache(
+            cfg.encoder_cache_bytes or (2 << 30 if self.device.type == "cuda" else 512 << 20)
+        )
         self.processor = InputProcessor(self)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
@@ -134,6 +144,11 @@ class LLMEngine:
             "engine ready: %s on %s (%s), %d state slots, %d KV blocks of %d, max_model_len %d",
             self.model_dir, self.device, self.dtype, slots, blocks, cfg.block_size, self.max_model_len,
         )  # fmt: skip
+
+    def _copy_state(self, src: int, dst: int) -> None:
+        """Copy one state slot into another across every Mamba layer (prefix snapshots in and out)."""
+        self.cache_tensors.conv_state[:, dst] = self.cache_tensors.conv_state[:, src]
+        self.cache_tensors.ssm_state[:, dst] = self.cache_tensors.ssm_state[:, src]
 
     def _cache_budget(self) -> int:
         if self.device.type == "cuda":
@@ -145,7 +160,9 @@ class LLMEngine:
         # CPU default: a slot per allowed sequence and KV for a few full-length sequences, at most 2 GiB.
         c = self.config
         max_len = self.cfg.max_model_len or c.max_position_embeddings
-        want = self.cfg.max_num_seqs * state_bytes_per_sequence(c, self.dtype, self.ssm_dtype)
+        want = (self.cfg.max_num_seqs + 2 + self.cfg.max_num_seqs // 8) * state_bytes_per_sequence(
+            c, self.dtype, self.ssm_dtype
+        )
         want += 4 * max_len * kv_bytes_per_token(c, self.dtype)
         return int(min(want, 2 << 30))
 
@@ -190,8 +207,12 @@ class LLMEngine:
             request_id, prompt, list(prompt_token_ids), params, next(self._arrivals),
             media_spans=media_spans or [], media_info=media_info or [], video_tokens=video_tokens,
         )  # fmt: skip
+        points: set[int] = set()
+        if self.prefix_cache is not None:
+            req.block_hashes = prompt_block_hashes(req.prompt_token_ids, req.media_spans, self.cfg.block_size)
+            points = snapshot_points(n, req.media_spans, self.cfg.block_size)
         for i in range(params.n):
-            seq = Sequence(next(self._seq_ids), req, i)
+            seq = Sequence(next(self._seq_ids), req, i, snapshot_points=points)
             seq.sampling_state = SequenceSamplingState(
                 params=params,
                 prompt_token_ids=req.prompt_token_ids,
@@ -234,6 +255,7 @@ class LLMEngine:
         seqs, sampled = self.runner.execute(sched)
         for chunk in sched.chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
+            self.cache.on_computed(chunk.seq)
         touched: dict[str, Request] = {}
         for i, seq in enumerate(seqs):
             self._append_token(seq, sampled.token_ids[i], sampled.logprobs[i], sampled.sampled_logprobs[i])
@@ -298,6 +320,28 @@ class LLMEngine:
             video_tokens=req.video_tokens,
             media=req.media_info,
         )
+
+    def stats(self) -> dict[str, float]:
+        """Counters and gauges for /metrics and logs (read from any thread: plain ints, no locking)."""
+        blocks, slots, enc = self.cache.blocks, self.cache.slots, self.encoder_cache
+        return {
+            "num_requests_running": len(self.scheduler.running),
+            "num_requests_waiting": len(self.scheduler.waiting),
+            "kv_blocks_total": blocks.num_blocks,
+            "kv_blocks_used": blocks.num_blocks - blocks.num_free,
+            "state_slots_total": slots.num_slots,
+            "state_slots_used": slots.num_slots - slots.num_free,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "forward_tokens": self.runner.num_forward_tokens,
+            "prefix_cache_queries": self.prefix_cache.queries if self.prefix_cache else 0,
+            "prefix_cache_hit_tokens": self.prefix_cache.hit_tokens if self.prefix_cache else 0,
+            "prefix_cache_query_tokens": self.prefix_cache.query_tokens if self.prefix_cache else 0,
+            "prefix_cache_blocks": len(self.prefix_cache.block_by_hash) if self.prefix_cache else 0,
+            "prefix_cache_snapshots": len(self.prefix_cache.snapshots) if self.prefix_cache else 0,
+            "encoder_cache_hits": enc.hits,
+            "encoder_cache_misses": enc.misses,
+            "encoder_cache_bytes": enc.bytes,
+        }
 
     def all_memory_free(self) -> bool:
         return self.cache.all_free()

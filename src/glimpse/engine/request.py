@@ -58,6 +58,8 @@ class Sequence:
     detokenizer: Any = None
     text: str = ""
     num_preemptions: int = 0
+    num_registered_blocks: int = 0  # leading blocks already entered in the prefix cache
+    snapshot_points: set[int] = field(default_factory=set)  # computed-token counts worth a state snapshot
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -101,6 +103,7 @@ class Request:
     media_info: list[dict[str, Any]] = field(default_factory=list)  # RequestOutput.media
     video_tokens: dict[str, int] | None = None
     grammar: Any = None  # a compiled structured-output constraint factory, if any
+    block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of the prompt's full blocks
     sequences: list[Sequence] = field(default_factory=list)
 
     @property

@@ -64,7 +64,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = self._chunk(seq, budget)
             while not self.cache.grow(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]  # newest first
                 self._preempt(victim)
@@ -80,9 +80,9 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
-            if not self.cache.admit(seq):
+            if not self.cache.admit(seq):  # a prefix hit sets num_computed_tokens here
                 break
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = self._chunk(seq, budget)
             if not self.cache.grow(seq, seq.num_computed_tokens + n):
                 self.cache.free(seq)
                 break
@@ -93,11 +93,22 @@ class Scheduler:
             budget -= n
         return out
 
+    @staticmethod
+    def _chunk(seq: Sequence, budget: int) -> int:
+        """Tokens to compute for `seq` this step: what it lacks, within the budget, and stopping at the
+        next boundary where its Mamba state is to be snapshotted (the state exists only at chunk ends)."""
+        n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+        for point in seq.snapshot_points:
+            if seq.num_computed_tokens < point < seq.num_computed_tokens + n:
+                n = point - seq.num_computed_tokens
+        return n
+
     def _preempt(self, seq: Sequence) -> None:
         """Free everything the sequence holds; it will recompute its tokens when readmitted."""
         self.running.remove(seq)
         self.cache.free(seq)
         seq.num_computed_tokens = 0
+        seq.num_registered_blocks = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
