@@ -1,7 +1,8 @@
 """Memory for sequences: attention K/V in fixed-size blocks, Mamba states in per-sequence slots.
 
-Pools are allocated uninitialised: KV beyond a sequence's length is never read, and a state slot is
-zeroed when a sequence starts in it."""
+State pools are allocated uninitialised (a slot is zeroed when a sequence starts in it); KV pools are
+zeroed once, because batched decode attention reads whole blocks past a sequence's end (masked, but a
+NaN in never-written memory would still poison the weighted sum)."""
 
 from __future__ import annotations
 
@@ -35,10 +36,10 @@ def allocate_cache_tensors(
             dtype=ssm_dtype,
             device=device,
         ),
-        key_cache=torch.empty(
+        key_cache=torch.zeros(
             a, num_blocks, block_size, config.num_key_value_heads, config.head_dim, dtype=dtype, device=device
         ),
-        value_cache=torch.empty(
+        value_cache=torch.zeros(
             a, num_blocks, block_size, config.num_key_value_heads, config.head_dim, dtype=dtype, device=device
         ),
     )

@@ -152,9 +152,19 @@ class LLMEngine:
 
     def _cache_budget(self) -> int:
         if self.device.type == "cuda":
+            peak = self._profile_activation_bytes()
             free, total = torch.cuda.mem_get_info(self.device)
-            used_elsewhere = total - free
-            return int(total * self.cfg.gpu_memory_utilization - used_elsewhere - self._activation_reserve())
+            used = total - free  # weights, the CUDA context, and anyone else on the card
+            budget = int(total * self.cfg.gpu_memory_utilization - used - peak)
+            log.info("GPU memory: %.1f GiB in use, %.1f GiB peak activations, %.1f GiB for caches",
+                     used / 2**30, peak / 2**30, budget / 2**30)  # fmt: skip
+            if budget <= 0:
+                raise ValueError(
+                    f"no GPU memory is left for the caches (total {total / 2**30:.1f} GiB, in use "
+                    f"{used / 2**30:.1f} GiB, activations {peak / 2**30:.1f} GiB); raise gpu_memory_utilization "
+                    f"or lower max_num_batched_tokens"
+                )
+            return budget
         if self.cfg.cache_memory_bytes:
             return int(self.cfg.cache_memory_bytes)
         # CPU default: a slot per allowed sequence and KV for a few full-length sequences, at most 2 GiB.
@@ -166,14 +176,39 @@ class LLMEngine:
         want += 4 * max_len * kv_bytes_per_token(c, self.dtype)
         return int(min(want, 2 << 30))
 
-    def _activation_reserve(self) -> int:
-        """Bytes a full step's activations need beside the weights (generous: the MLP and in_proj
-        intermediates of max_num_batched_tokens tokens, in fp32, several alive at once)."""
-        c = self.config
-        widest = max(
-            c.intermediate_size, c.mamba_d_inner + c.mamba_conv_dim + c.mamba_num_heads, c.vocab_size // 8
+    @torch.inference_mode()
+    def _profile_activation_bytes(self) -> int:
+        """Peak memory a full step needs beside the weights: run one forward pass of a full token budget
+        (and, for a VL model, one micro-batch of tiles through the vision encoder) and measure it."""
+        from glimpse.model.batch import ForwardBatch
+
+        n = self.cfg.max_num_batched_tokens
+        bs = self.cfg.block_size
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        scratch = allocate_cache_tensors(
+            self.config, 1, -(-n // bs), bs, self.dtype, self.ssm_dtype, self.device
         )
-        return int(self.cfg.max_num_batched_tokens * widest * 4 * 4 + (2 << 30))
+        scratch.conv_state.zero_()
+        scratch.ssm_state.zero_()
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        ids = torch.randint(0, self.config.vocab_size, (n,), device=self.device)
+        table = torch.arange(-(-n // bs), device=self.device).view(1, -1)
+        batch = ForwardBatch([n], [0], torch.tensor([0], device=self.device), table)
+        rows = torch.arange(n - min(n, self.cfg.max_num_seqs), n, device=self.device)
+        self.model(batch, scratch, input_ids=ids, logits_indices=rows)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        if getattr(self.model, "is_multimodal", False):
+            tiles = self.model.vision_model.max_batch
+            size = self.model.config.force_image_size
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.model.encode_images(torch.randn(tiles, 3, size, size, device=self.device))
+            peak = max(peak, torch.cuda.max_memory_allocated(self.device) - base)
+        del scratch, ids, batch
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        return int(peak * 1.1) + (256 << 20)  # headroom for the sampler and fragmentation
 
     # Requests ----------------------------------------------------------------------------------------
     def add_request(

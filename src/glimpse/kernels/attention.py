@@ -31,6 +31,8 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Each new token attends to its sequence's cached tokens and the new ones up to itself."""
+    if all(n == 1 for n in query_lens):
+        return _decode_attention(query, key_cache, value_cache, block_tables, context_lens, scale)
     block_size = key_cache.shape[1]
     out = torch.empty_like(query)
     start = 0
@@ -55,3 +57,30 @@ def paged_attention(
         out[start : start + n] = o[0].transpose(0, 1)
         start += n
     return out
+
+
+def _decode_attention(
+    query: torch.Tensor,  # [B, H, D]: one new token per sequence (its K/V already written)
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: list[int],
+    scale: float,
+) -> torch.Tensor:
+    """All sequences at once: gather each one's blocks up to the longest, mask the tail."""
+    block_size = key_cache.shape[1]
+    lengths = torch.tensor(context_lens, device=query.device) + 1
+    width = -(-int(lengths.max()) // block_size)
+    blocks = block_tables[:, :width]
+    k = key_cache[blocks].flatten(1, 2)  # [B, width * block_size, KVH, D]
+    v = value_cache[blocks].flatten(1, 2)
+    mask = torch.arange(k.shape[1], device=query.device)[None, :] < lengths[:, None]  # [B, L]
+    out = F.scaled_dot_product_attention(
+        query.unsqueeze(2),  # [B, H, 1, D]
+        k.transpose(1, 2).to(query.dtype),
+        v.transpose(1, 2).to(query.dtype),
+        attn_mask=mask[:, None, None, :],
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.squeeze(2)
