@@ -26,6 +26,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     json_schema: dict[str, Any] | str | None = None
     regex: str | None = None
+    detokenize: bool = True  # False: token ids only (benchmarks)
     # Internal: forces the given token ids as output (tests of parsers end to end, API.md "Tests").
     forced_token_ids: list[int] | None = field(default=None, repr=False)
 
@@ -66,6 +67,8 @@ class SamplingParams:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             raise bad("logprobs", "an integer in [0, 20]")
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings need detokenize=True")
         if self.json_schema is not None and self.regex is not None:
             raise ValueError("give json_schema or regex, not both")
         if any(not isinstance(s, str) or not s for s in self.stop):

@@ -100,7 +100,9 @@ def _plan_memory(
 
 
 class LLMEngine:
-    def __init__(self, cfg: EngineConfig) -> None:
+    def __init__(self, cfg: EngineConfig, *, model: torch.nn.Module | None = None, tokenizer=None) -> None:
+        """Load `cfg.model` (a checkpoint), or serve a prebuilt `model` with `tokenizer` (the benchmark's
+        full-size random-weight model)."""
         from glimpse.loader import resolve_model_path
         from glimpse.model.loading import load_model
         from glimpse.processing.inputs import InputProcessor
@@ -113,11 +115,16 @@ class LLMEngine:
             raise ValueError("mamba_ssm_cache_dtype must be 'float32' or 'bfloat16'")
         self.ssm_dtype = _DTYPES[cfg.mamba_ssm_cache_dtype]
         torch.manual_seed(cfg.seed)
-        self.model_dir: Path = resolve_model_path(cfg.model)
-        self.model = load_model(self.model_dir, self.device, self.dtype)
+        if model is None:
+            self.model_dir: Path | None = resolve_model_path(cfg.model)
+            self.model = load_model(self.model_dir, self.device, self.dtype)
+            self.tokenizer = load_tokenizer(self.model_dir)
+            config_eos = self.model.llm_config.eos_token_ids
+            self.eos_token_ids = end_of_sequence_ids(self.model_dir, self.tokenizer, config_eos)
+        else:
+            self.model_dir, self.model, self.tokenizer = None, model, tokenizer
+            self.eos_token_ids = list(model.llm_config.eos_token_ids)
         self.config: NemotronHConfig = self.model.llm_config
-        self.tokenizer = load_tokenizer(self.model_dir)
-        self.eos_token_ids = end_of_sequence_ids(self.model_dir, self.tokenizer, self.config.eos_token_ids)
 
         budget = self._cache_budget()
         slots, blocks, self.max_model_len = _plan_memory(self.config, cfg, budget, self.dtype, self.ssm_dtype)
@@ -255,10 +262,11 @@ class LLMEngine:
                 generator=make_generator(params.seed, i, self.device),  # None: the engine's shared stream
                 child_index=i,
             )
-            seq.detokenizer = IncrementalDetokenizer(
-                self.tokenizer, req.prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
-                stop=params.stop,
-            )  # fmt: skip
+            if params.detokenize:
+                seq.detokenizer = IncrementalDetokenizer(
+                    self.tokenizer, req.prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
+                    stop=params.stop,
+                )  # fmt: skip
             if params.logprobs is not None:
                 seq.logprobs = []
             req.sequences.append(seq)
@@ -308,7 +316,7 @@ class LLMEngine:
         seq.cumulative_logprob += sampled_logprob
         if seq.logprobs is not None and logprobs is not None:
             for tid, lp in logprobs.items():
-                if lp.decoded_token is None:
+                if lp.decoded_token is None and self.tokenizer is not None:
                     lp.decoded_token = self.tokenizer.decode([tid])
             seq.logprobs.append(logprobs)
         n_out = len(seq.output_token_ids)
@@ -317,8 +325,10 @@ class LLMEngine:
         if (stop_token or eos) and n_out >= params.min_tokens:
             seq.finish_reason, seq.stop_reason = "stop", (token if stop_token else None)
         else:
-            seq.text += seq.detokenizer.add_tokens([token])
-            if seq.detokenizer.stopped_by is not None and n_out >= params.min_tokens:
+            detok = seq.detokenizer
+            if detok is not None:
+                seq.text += detok.add_tokens([token])
+            if detok is not None and detok.stopped_by is not None and n_out >= params.min_tokens:
                 seq.finish_reason, seq.stop_reason = "stop", seq.detokenizer.stopped_by
                 seq.text = seq.detokenizer.text
             elif params.max_tokens is not None and n_out >= params.max_tokens:
@@ -326,9 +336,8 @@ class LLMEngine:
             elif seq.num_tokens >= self.max_model_len:
                 seq.finish_reason = "length"
         if seq.finish_reason is not None:
-            if not isinstance(
-                seq.stop_reason, str
-            ):  # a stop string already cut the text; else release the tail
+            # a stop string already cut the text; otherwise release what the detokenizer held back
+            if seq.detokenizer is not None and not isinstance(seq.stop_reason, str):
                 seq.text += seq.detokenizer.flush()
             self.scheduler.finish(seq)
 

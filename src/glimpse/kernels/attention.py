@@ -29,6 +29,8 @@ def paged_attention(
     query_lens: list[int],
     context_lens: list[int],
     scale: float,
+    key: torch.Tensor | None = None,  # [T, KVH, D]: the new tokens' K/V (already written to the cache)
+    value: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each new token attends to its sequence's cached tokens and the new ones up to itself."""
     if all(n == 1 for n in query_lens):
@@ -37,20 +39,26 @@ def paged_attention(
     out = torch.empty_like(query)
     start = 0
     for s, (n, ctx) in enumerate(zip(query_lens, context_lens)):
-        total = ctx + n
-        blocks = block_tables[s, : (total + block_size - 1) // block_size]
-        k = key_cache[blocks].flatten(0, 1)[:total]  # [total, KVH, D]
-        v = value_cache[blocks].flatten(0, 1)[:total]
-        q = query[start : start + n]
-        # query i sits at absolute position ctx + i and sees keys 0..ctx + i
-        mask = (
-            torch.arange(total, device=q.device)[None, :] <= (ctx + torch.arange(n, device=q.device))[:, None]
-        )
+        q = query[start : start + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        if ctx == 0 and key is not None:
+            # a fresh prompt attends only to itself: plain causal attention (flash kernels apply)
+            k = key[start : start + n]
+            v = value[start : start + n]
+            mask, causal = None, True
+        else:
+            total = ctx + n
+            blocks = block_tables[s, : (total + block_size - 1) // block_size]
+            k = key_cache[blocks].flatten(0, 1)[:total]  # [total, KVH, D]
+            v = value_cache[blocks].flatten(0, 1)[:total]
+            # query i sits at absolute position ctx + i and sees keys 0..ctx + i
+            pos = torch.arange(total, device=q.device)
+            mask, causal = pos[None, :] <= (ctx + torch.arange(n, device=q.device))[:, None], False
         o = F.scaled_dot_product_attention(
-            q.transpose(0, 1).unsqueeze(0),
+            q,
             k.transpose(0, 1).unsqueeze(0).to(q.dtype),
             v.transpose(0, 1).unsqueeze(0).to(q.dtype),
             attn_mask=mask,
+            is_causal=causal,
             scale=scale,
             enable_gqa=True,
         )

@@ -33,6 +33,14 @@ class Attention(nn.Module):
         value_cache = cache.value_cache[self.attention_index]
         write_kv(k, v, key_cache, value_cache, batch.slot_mapping(cache.block_size))
         out = paged_attention(
-            q, key_cache, value_cache, batch.block_tables, batch.query_lens, batch.context_lens, self.scale
+            q,
+            key_cache,
+            value_cache,
+            batch.block_tables,
+            batch.query_lens,
+            batch.context_lens,
+            self.scale,
+            k,
+            v,
         )
         return self.o_proj(out.reshape(T, self.heads * self.head_dim))
