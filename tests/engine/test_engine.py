@@ -203,3 +203,75 @@ def test_stop_token_ids_and_min_tokens():
     c = out.outputs[0]
     first = free.index(target)
     assert c.finish_reason == "stop" and c.stop_reason == target and c.token_ids == free[: first + 1]
+
+
+def test_structured_output_json_schema_and_regex():
+    import json
+    import re
+
+    import jsonschema
+
+    engine = make_engine()
+    schema = {
+        "type": "object",
+        "properties": {
+            "ok": {"type": "boolean"},
+            "name": {"type": "string", "maxLength": 8},
+            "kind": {"enum": ["invoice", "receipt"]},
+            "items": {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 0, "maximum": 99},
+                "maxItems": 3,
+            },
+        },
+        "required": ["ok", "name", "kind", "items"],
+        "additionalProperties": False,
+    }
+    tok = engine.tokenizer
+    for seed in range(4):
+        engine.add_request(f"j{seed}", tok.encode("JSON please"),
+                           SamplingParams(temperature=1.0, seed=seed, max_tokens=120, json_schema=schema))  # fmt: skip
+        engine.add_request(f"r{seed}", tok.encode("code"),
+                           SamplingParams(temperature=1.0, seed=seed, max_tokens=40, regex=r"[0-9]{3}-[a-z]{2,4}"))  # fmt: skip
+    outs = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            outs[o.request_id] = o.outputs[0]
+    for seed in range(4):
+        j, r = outs[f"j{seed}"], outs[f"r{seed}"]
+        assert j.finish_reason == "stop"
+        jsonschema.validate(json.loads(j.text), schema)
+        assert r.finish_reason == "stop" and re.fullmatch(r"[0-9]{3}-[a-z]{2,4}", r.text), r.text
+    assert engine.all_memory_free()
+
+
+def test_constraint_starts_after_the_reasoning_closes():
+    import re
+
+    engine = make_engine()
+    tok = engine.tokenizer
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                add_generation_prompt=True), add_special_tokens=False)  # fmt: skip
+    assert tok.decode(prompt).endswith("<think>\n")
+    thinking = tok.encode("let me see</think>", add_special_tokens=False)
+    params = SamplingParams(
+        temperature=1.0, seed=3, max_tokens=60, regex=r"[a-c]{5}", forced_token_ids=thinking
+    )
+    engine.add_request("t", prompt, params)
+    out = None
+    while engine.has_unfinished():
+        for o in engine.step():
+            out = o.outputs[0]
+    reasoning, _, answer = out.text.partition("</think>")
+    assert reasoning == "let me see" and re.fullmatch(r"[a-c]{5}", answer), out.text
+
+
+def test_invalid_schema_is_a_400():
+    from glimpse.errors import InvalidRequestError
+
+    engine = make_engine()
+    with pytest.raises(InvalidRequestError):
+        engine.add_request(
+            "bad", [40, 41], SamplingParams(json_schema={"type": "integer", "minimum": 5, "maximum": 1})
+        )
+    assert not engine.has_unfinished() and engine.all_memory_free()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,9 @@ class LLMEngine:
             cfg.encoder_cache_bytes or (2 << 30 if self.device.type == "cuda" else 512 << 20)
         )
         self.processor = InputProcessor(self)
+        self._think_ids: tuple | None = None
+        self._structured = None  # the grammar compiler, made on the first constrained request
+        self._structured_lock = threading.Lock()
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
@@ -217,6 +221,33 @@ class LLMEngine:
         torch.cuda.empty_cache()
         return int(peak * 1.1) + (256 << 20)  # headroom for the sampler and fragmentation
 
+    @property
+    def structured(self):
+        """The structured-output compiler (llguidance); built once, on first use, from any thread."""
+        with self._structured_lock:
+            if self._structured is None:
+                from glimpse.engine.structured import StructuredOutputCompiler
+
+                self._structured = StructuredOutputCompiler(
+                    self.tokenizer, self.config.vocab_size, self.eos_token_ids
+                )
+            return self._structured
+
+    def _reasoning_open(self, prompt_token_ids: list[int]) -> bool:
+        """The prompt ends inside a <think> block, so the answer (and any constraint) starts after </think>."""
+        ids = self._think_ids
+        if ids is None:
+            ids = self._think_ids = tuple(
+                self.tokenizer.convert_tokens_to_ids(t) if self.tokenizer is not None else None
+                for t in ("<think>", "</think>")
+            )
+        start, end = ids
+        if start is None or end is None or start == self.tokenizer.unk_token_id:
+            return False
+        tail = prompt_token_ids[-64:]
+        return start in tail and (end not in tail or max(i for i, t in enumerate(tail) if t == start)
+                                  > max(i for i, t in enumerate(tail) if t == end))  # fmt: skip
+
     # Requests ----------------------------------------------------------------------------------------
     def add_request(
         self,
@@ -249,6 +280,10 @@ class LLMEngine:
             request_id, prompt, list(prompt_token_ids), params, next(self._arrivals),
             media_spans=media_spans or [], media_info=media_info or [], video_tokens=video_tokens,
         )  # fmt: skip
+        grammar = (
+            self.structured.compile(params) if (params.json_schema is not None or params.regex) else None
+        )
+        waits = grammar is not None and self._reasoning_open(req.prompt_token_ids)
         points: set[int] = set()
         if self.prefix_cache is not None:
             req.block_hashes = prompt_block_hashes(req.prompt_token_ids, req.media_spans, self.cfg.block_size)
@@ -269,6 +304,8 @@ class LLMEngine:
                 )  # fmt: skip
             if params.logprobs is not None:
                 seq.logprobs = []
+            if grammar is not None:
+                seq.grammar, seq.grammar_waits = grammar.matcher(), waits
             req.sequences.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = req
@@ -320,6 +357,8 @@ class LLMEngine:
                     lp.decoded_token = self.tokenizer.decode([tid])
             seq.logprobs.append(logprobs)
         n_out = len(seq.output_token_ids)
+        if seq.grammar is not None and self._advance_grammar(seq, token):
+            return
         stop_token = token in params.stop_token_ids
         eos = token in self.eos_token_ids and not params.ignore_eos
         if (stop_token or eos) and n_out >= params.min_tokens:
@@ -340,6 +379,27 @@ class LLMEngine:
             if seq.detokenizer is not None and not isinstance(seq.stop_reason, str):
                 seq.text += seq.detokenizer.flush()
             self.scheduler.finish(seq)
+
+    def _advance_grammar(self, seq: Sequence, token: int) -> bool:
+        """Feed the token to the sequence's constraint; True when that finished the sequence."""
+        if seq.grammar_waits:
+            if token == self._think_ids[1]:
+                seq.grammar_waits = False
+            return False
+        if token in self.eos_token_ids:
+            return False
+        if not seq.grammar.accept(token):  # only forced tokens can break the grammar
+            seq.finish_reason = "abort"
+        elif seq.grammar.is_terminated():  # the value is complete: stop now (even with ignore_eos)
+            seq.finish_reason, seq.stop_reason = "stop", None
+            if seq.detokenizer is not None:
+                seq.text += seq.detokenizer.add_tokens([token])
+        else:
+            return False
+        if seq.detokenizer is not None:
+            seq.text += seq.detokenizer.flush()
+        self.scheduler.finish(seq)
+        return True
 
     def _output(self, req: Request) -> RequestOutput:
         outs = [

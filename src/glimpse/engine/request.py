@@ -58,6 +58,8 @@ class Sequence:
     detokenizer: Any = None
     text: str = ""
     num_preemptions: int = 0
+    grammar: Any = None  # a GrammarMatcher when the output is constrained (JSON schema, regex)
+    grammar_waits: bool = False  # the constraint starts after the model closes its reasoning (</think>)
     num_registered_blocks: int = 0  # leading blocks already entered in the prefix cache
     snapshot_points: set[int] = field(default_factory=set)  # computed-token counts worth a state snapshot
 

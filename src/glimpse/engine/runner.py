@@ -86,5 +86,13 @@ class ModelRunner:
         if not due:
             return [], None
         seqs = [chunks[i].seq for i in due]
-        result = sample(logits, [s.sampling_state for s in seqs], self.eos_token_ids, generator=self.generator)
+        mask = None
+        if any(s.grammar is not None and not s.grammar_waits for s in seqs):
+            from glimpse.engine.structured import batch_allowed_mask
+
+            matchers = [s.grammar if not s.grammar_waits else None for s in seqs]
+            mask = batch_allowed_mask(matchers, logits.shape[-1], logits.device)
+        result = sample(
+            logits, [s.sampling_state for s in seqs], self.eos_token_ids, mask, generator=self.generator
+        )
         return seqs, result
