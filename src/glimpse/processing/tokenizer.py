@@ -10,11 +10,18 @@ from glimpse.errors import CheckpointError
 
 def load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    # AutoTokenizer peeks at config.json, whose VL architecture (remote code) it does not know: it warns
+    # about that and then loads the tokenizer files fine. Keep the noise out of the user's terminal.
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         return AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as e:
         raise CheckpointError(f"cannot load the tokenizer from {model_dir}: {e}") from None
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def end_of_sequence_ids(model_dir: Path, tokenizer, config_eos: list[int]) -> list[int]:
