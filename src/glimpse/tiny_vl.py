@@ -23,14 +23,19 @@ TINY_VL_CONTEXT = 49152  # the real model's trained context; 128 frames x 258 to
 
 
 def tiny_radio_config() -> RadioConfig:
-    return RadioConfig(hidden_size=32, depth=2, num_heads=2, intermediate_size=128, patch_size=16, max_grid=128)
+    return RadioConfig(
+        hidden_size=32, depth=2, num_heads=2, intermediate_size=128, patch_size=16, max_grid=128
+    )
 
 
 def make_tiny_vl(out: Path, tokenizer, vocab: int, *, seed: int, style: str, shards: int) -> Path:
     llm = tiny_text_config(max_position_embeddings=TINY_VL_CONTEXT, vocab_size=vocab)
     radio = tiny_radio_config()
     config = VLConfig(
-        llm=llm, vision_config=radio.to_checkpoint_dict(), projector_hidden_size=96, vit_hidden_size=radio.hidden_size
+        llm=llm,
+        vision_config=radio.to_checkpoint_dict(),
+        projector_hidden_size=96,
+        vit_hidden_size=radio.hidden_size,
     )
     state = rename_llm(random_llm_state_dict(llm, seed), "backbone", outer="language_model.")
     gen = torch.Generator().manual_seed(seed + 1)
@@ -48,7 +53,9 @@ def make_tiny_vl(out: Path, tokenizer, vocab: int, *, seed: int, style: str, sha
         t = torch.ones(p.shape) if name == "0.weight" else torch.randn(p.shape, generator=gen) * 0.1
         state[f"mlp1.{name}"] = t.to(torch.bfloat16)
     # The real checkpoint carries RADIO's input normaliser as buffers; Glimpse normalises itself.
-    state["vision_model.radio_model.input_conditioner.norm_mean"] = torch.tensor(config.norm_mean).view(3, 1, 1)
+    state["vision_model.radio_model.input_conditioner.norm_mean"] = torch.tensor(config.norm_mean).view(
+        3, 1, 1
+    )
     state["vision_model.radio_model.input_conditioner.norm_std"] = torch.tensor(config.norm_std).view(3, 1, 1)
     write_safetensors(state, out, shards)
     (out / "config.json").write_text(json.dumps(config.to_dict(style), indent=2))

@@ -428,13 +428,16 @@ class LLMEngine:
     def stats(self) -> dict[str, float]:
         """Counters and gauges for /metrics and logs (read from any thread: plain ints, no locking)."""
         blocks, slots, enc = self.cache.blocks, self.cache.slots, self.encoder_cache
+        snapshots = len(self.prefix_cache.snapshots) if self.prefix_cache else 0
         return {
             "num_requests_running": len(self.scheduler.running),
             "num_requests_waiting": len(self.scheduler.waiting),
             "kv_blocks_total": blocks.num_blocks,
-            "kv_blocks_used": blocks.num_blocks - blocks.num_free,
+            "kv_blocks_used": blocks.num_blocks - blocks.num_free,  # held or kept by the prefix cache
+            "kv_blocks_active": sum(1 for c in blocks.ref_count if c > 0),  # held by sequences
             "state_slots_total": slots.num_slots,
             "state_slots_used": slots.num_slots - slots.num_free,
+            "state_slots_active": slots.num_slots - slots.num_free - snapshots,  # held by sequences
             "num_preemptions": self.scheduler.num_preemptions,
             "forward_tokens": self.runner.num_forward_tokens,
             "prefix_cache_queries": self.prefix_cache.queries if self.prefix_cache else 0,

@@ -147,12 +147,11 @@ class MediaBuilder:
     def _video_source(self, url: str) -> Any:
         """A local path stays a path (decoded with seeking, never read whole); anything else is fetched."""
         o = self.options
-        local = url[len("file://") :] if url.startswith("file://") else url
-        if "://" not in url or url.startswith("file://"):
-            from glimpse.processing.media import resolve_local_path
+        if url.startswith("data:") or ("://" in url and not url.startswith("file://")):
+            return fetch_bytes(url, o.policy, o.limits, o.limits.max_video_bytes)
+        from glimpse.processing.media import resolve_local_path
 
-            return str(resolve_local_path(local, o.policy, o.limits.max_video_bytes))
-        return fetch_bytes(url, o.policy, o.limits, o.limits.max_video_bytes)
+        return str(resolve_local_path(url, o.policy, o.limits.max_video_bytes))  # a path or a file:// URL
 
     def add_part(self, part: dict[str, Any]) -> str:
         kind = part.get("type")

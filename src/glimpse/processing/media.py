@@ -1,0 +1,486 @@
+"""Fetching media bytes and decoding images safely, for the Python API and the HTTP server alike.
+
+A request names media as a local path, a `file://`, `data:` or `http(s)://` URL. Everything that can go
+wrong with user input becomes a MediaError (400) or a LimitExceededError (413) whose message says what
+was wrong and what is allowed, so the server never answers 5xx for bad input. The server refuses local
+files outside --allowed-local-media-path and URLs that resolve to private addresses (SSRF); the Python
+API, which is trusted, allows both by default.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import ipaddress
+import os
+import re
+import socket
+import stat
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image, ImageOps
+
+from glimpse.errors import LimitExceededError, MediaError
+
+MAX_REDIRECTS = 5
+USER_AGENT = "glimpse-vl media fetcher"  # some hosts refuse requests that don't say who asks
+# Formats we decode. Restricting Pillow's plugins keeps exotic decoders (EPS runs Ghostscript) away
+# from untrusted bytes.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")  # JPEG covers MPO (phone photos)
+_FORMAT_NAMES = "PNG, JPEG, WebP, GIF, BMP, TIFF or AVIF"
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+_WHITESPACE = re.compile(rb"\s+")
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+@dataclass
+class MediaLimits:
+    """Per-item limits (API.md server defaults). Bytes limits apply to one fetched item."""
+
+    max_image_pixels: int = 64_000_000
+    max_video_bytes: int = 2_147_483_648
+    max_video_seconds: float = 21600
+    max_video_frames: int = 1024
+    max_pdf_pages: int = 32
+    max_image_bytes: int = 268_435_456
+    max_pdf_bytes: int = 268_435_456
+    max_media_bytes: int = 268_435_456  # fetch_bytes' default when the caller names no limit
+    fetch_timeout: float = 30.0  # seconds for a whole http(s) fetch, redirects included
+
+
+@dataclass
+class MediaPolicy:
+    """Which sources are allowed. The defaults are the Python API's (trusted); see `for_server`."""
+
+    allowed_local_media_path: str | None = None  # None: any local file (when allow_local_files)
+    allow_local_files: bool = True
+    allow_private_urls: bool = True
+
+    @classmethod
+    def for_server(
+        cls, allowed_local_media_path: str | None = None, allow_private_urls: bool = False
+    ) -> MediaPolicy:
+        """The server's policy: local files only inside the given directory, none without one."""
+        return cls(
+            allowed_local_media_path=allowed_local_media_path,
+            allow_local_files=allowed_local_media_path is not None,
+            allow_private_urls=allow_private_urls,
+        )
+
+
+def content_hash(data: bytes) -> str:
+    """sha256 hex of media bytes: the key of the encoder and prefix caches."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _short(source: str, limit: int = 120) -> str:
+    """A source fit for an error message: data: URIs and long URLs are cut."""
+    return source if len(source) <= limit else source[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dispatch
+
+
+def fetch_bytes(
+    source: str | os.PathLike[str],
+    policy: MediaPolicy | None = None,
+    limits: MediaLimits | None = None,
+    max_bytes: int | None = None,
+) -> bytes:
+    """The bytes behind a local path, `file://`, `data:` or `http(s)://` source, at most `max_bytes`.
+
+    `max_bytes` defaults to `limits.max_media_bytes`; going over it raises LimitExceededError (413)
+    without reading the rest.
+    """
+    policy = policy or MediaPolicy()
+    limits = limits or MediaLimits()
+    max_bytes = limits.max_media_bytes if max_bytes is None else max_bytes
+    if isinstance(source, os.PathLike):
+        return _read_local(
+            os.fspath(source), source_text=os.fspath(source), policy=policy, max_bytes=max_bytes
+        )
+    if not isinstance(source, str):
+        raise MediaError(f"a media source must be a URL or a path string, got {type(source).__name__}")
+    text = source.strip()
+    if not text:
+        raise MediaError("the media source is empty")
+    match = _SCHEME.match(text)
+    scheme = match.group(1).lower() if match else ""
+    if scheme == "data":
+        return decode_data_uri(text, max_bytes)
+    if scheme in ("http", "https"):
+        return _fetch_http(text, policy, limits.fetch_timeout, max_bytes)
+    if scheme == "file":
+        return _read_local(_file_url_path(text), source_text=text, policy=policy, max_bytes=max_bytes)
+    if scheme and "://" in text:
+        raise MediaError(f"unsupported media URL scheme {scheme!r}: use http(s)://, data: or file:// URLs")
+    return _read_local(text, source_text=text, policy=policy, max_bytes=max_bytes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# data: URIs
+
+
+def decode_data_uri(uri: str, max_bytes: int) -> bytes:
+    """Decode `data:[<type>][;base64],<payload>` (base64 or percent-encoded), refusing over max_bytes."""
+    if uri[:5].lower() != "data:":
+        raise MediaError("not a data: URI")
+    header, sep, payload = uri[5:].partition(",")
+    if not sep:
+        raise MediaError("malformed data: URI: expected 'data:<type>;base64,<data>'")
+    is_base64 = header.lower().split(";")[-1].strip() == "base64"
+    raw = payload.encode("ascii", errors="strict") if payload.isascii() else None
+    if raw is None:
+        raise MediaError("malformed data: URI: the payload must be ASCII (base64 or percent-encoded)")
+    if not is_base64:
+        data = urllib.parse.unquote_to_bytes(raw)
+        _check_size(len(data), max_bytes, "the data: URI")
+        return data
+    if b"%" in raw:  # base64 that was percent-encoded once more (e.g. %2B, %3D)
+        raw = urllib.parse.unquote_to_bytes(raw)
+    raw = _WHITESPACE.sub(b"", raw)
+    if len(raw) // 4 * 3 > max_bytes + 3:  # refuse before decoding; exact check below
+        _check_size(len(raw) // 4 * 3, max_bytes, "the data: URI")
+    data = _b64decode(raw)
+    _check_size(len(data), max_bytes, "the data: URI")
+    return data
+
+
+def _b64decode(raw: bytes) -> bytes:
+    """Standard or URL-safe base64, padding optional."""
+    if b"-" in raw or b"_" in raw:
+        raw = raw.translate(bytes.maketrans(b"-_", b"+/"))
+    raw += b"=" * (-len(raw) % 4)
+    try:
+        return base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        raise MediaError("malformed data: URI: the payload is not valid base64") from None
+
+
+def _check_size(size: int, max_bytes: int, what: str) -> None:
+    if size > max_bytes:
+        raise LimitExceededError(f"{what} is over the limit of {max_bytes} bytes for one media item")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Local files
+
+
+def _file_url_path(url: str) -> str:
+    """The absolute path named by a file:// URL (host empty or localhost)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise MediaError(
+            f"file:// URLs must name a local absolute path (file:///dir/name), got {_short(url)!r}"
+        )
+    path = urllib.parse.unquote(parts.path)
+    if not path.startswith("/"):
+        raise MediaError(f"file:// URLs must name an absolute path (file:///dir/name), got {_short(url)!r}")
+    return path
+
+
+def _check_local_allowed(path: str, source_text: str, policy: MediaPolicy) -> str:
+    """The real path (symlinks and `..` resolved) if policy allows it, else a MediaError."""
+    if not policy.allow_local_files:
+        raise MediaError(
+            "local files are not allowed here: send media as http(s):// or data: URLs "
+            "(a server allows file:// only with --allowed-local-media-path)"
+        )
+    real = os.path.realpath(path)
+    root_setting = policy.allowed_local_media_path
+    if root_setting is not None:
+        root = os.path.realpath(root_setting)
+        if os.path.commonpath([root, real]) != root:
+            raise MediaError(
+                f"the file {_short(source_text)!r} is outside the allowed media directory {root}"
+            )
+    return real
+
+
+def resolve_local_path(
+    path: str | os.PathLike[str], policy: MediaPolicy | None = None, max_bytes: int | None = None
+) -> Path:
+    """The real path of a local file (bare path or file:// URL) that the policy allows.
+
+    For decoders that seek in a file rather than read it whole (video): checks that it is a regular
+    file of at most `max_bytes`, without reading it.
+    """
+    policy = policy or MediaPolicy()
+    text = os.fspath(path)
+    local = _file_url_path(text) if text[:5].lower() == "file:" else text
+    real = _check_local_allowed(local, text, policy)
+    try:
+        info = os.stat(real)
+    except FileNotFoundError:
+        raise MediaError(f"no such file: {_short(text)!r}") from None
+    except OSError as e:
+        raise MediaError(f"cannot open {_short(text)!r}: {e.strerror or e}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise MediaError(f"{_short(text)!r} is not a regular file")
+    if max_bytes is not None:
+        _check_size(info.st_size, max_bytes, f"the file {_short(text)!r}")
+    return Path(real)
+
+
+def _read_local(path: str, *, source_text: str, policy: MediaPolicy, max_bytes: int) -> bytes:
+    """Read a regular file that the policy allows, refusing it whole if it is over max_bytes."""
+    real = _check_local_allowed(path, source_text, policy)
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(real, flags)
+    except FileNotFoundError:
+        raise MediaError(f"no such file: {_short(source_text)!r}") from None
+    except OSError as e:
+        raise MediaError(f"cannot open {_short(source_text)!r}: {e.strerror or e}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):  # a directory, FIFO or device
+            raise MediaError(f"{_short(source_text)!r} is not a regular file")
+        _check_size(info.st_size, max_bytes, f"the file {_short(source_text)!r}")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(max_bytes + 1)
+    _check_size(len(data), max_bytes, f"the file {_short(source_text)!r}")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------
+# http(s)
+
+
+def _address_is_public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """True for globally routable unicast addresses, looking through IPv4-in-IPv6 encodings."""
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:  # ::ffff:a.b.c.d is that IPv4 address
+            return _address_is_public(addr.ipv4_mapped)
+        embedded = addr.sixtofour or (addr.teredo[1] if addr.teredo else None)
+        if embedded is None and addr in _NAT64:
+            embedded = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+        if embedded is not None and not _address_is_public(embedded):
+            return False
+    return addr.is_global and not (
+        addr.is_loopback
+        or addr.is_private
+        or addr.is_link_local
+        or addr.is_reserved
+        or addr.is_multicast
+        or addr.is_unspecified
+    )
+
+
+def _resolve(host: str, port: int) -> list[str]:
+    """Every address `host` resolves to (IP literals resolve to themselves)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise MediaError(f"cannot resolve the host {host!r} of the media URL ({e})") from None
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def _public_address(host: str, port: int) -> str:
+    """One checked address to connect to; every address of the host must be public, so DNS can't race."""
+    addresses = _resolve(host, port)
+    for text in addresses:
+        addr = ipaddress.ip_address(text.split("%", 1)[0])
+        if not _address_is_public(addr):
+            raise MediaError(
+                f"the media URL's host {host!r} resolves to a non-public address ({addr}); loopback, "
+                "private, link-local and reserved addresses are refused "
+                "(a server allows them only with --allow-private-media-urls)"
+            )
+    if not addresses:
+        raise MediaError(f"cannot resolve the host {host!r} of the media URL")
+    return addresses[0].split("%", 1)[0]
+
+
+def _prepare_hop(url: httpx.URL, policy: MediaPolicy) -> tuple[httpx.URL, dict[str, str], dict[str, Any]]:
+    """The URL, headers and extensions for one request; pinned to a checked IP unless private is allowed."""
+    if url.scheme not in ("http", "https"):
+        raise MediaError(f"media URLs must be http(s)://, got a redirect or URL to {url.scheme!r}")
+    if not url.raw_host:
+        raise MediaError(f"the media URL has no host: {_short(str(url))!r}")
+    if policy.allow_private_urls:
+        return url, {"User-Agent": USER_AGENT}, {}
+    port = url.port or (443 if url.scheme == "https" else 80)
+    host = url.raw_host.decode("ascii")  # IDNA-encoded, as DNS and TLS see it
+    ip = _public_address(host, port)
+    # Connect to the address we checked; Host and SNI (and certificate checks) keep the real name.
+    host_header = url.netloc.decode("ascii").rpartition("@")[2]
+    extensions = {"sni_hostname": host} if url.scheme == "https" else {}
+    return url.copy_with(host=ip), {"Host": host_header, "User-Agent": USER_AGENT}, extensions
+
+
+def _fetch_http(source: str, policy: MediaPolicy, timeout: float, max_bytes: int) -> bytes:
+    """GET a URL, following at most MAX_REDIRECTS redirects by hand so every hop is checked."""
+    try:
+        url = httpx.URL(source)
+    except (httpx.InvalidURL, ValueError) as e:
+        raise MediaError(f"invalid media URL {_short(source)!r}: {e}") from None
+    deadline = time.monotonic() + timeout
+    try:
+        with httpx.Client(follow_redirects=False, trust_env=policy.allow_private_urls) as client:
+            for _ in range(MAX_REDIRECTS + 1):
+                data, location = _get_once(client, url, policy, deadline, timeout, max_bytes)
+                if location is None:
+                    return data
+                url = location
+    except httpx.TimeoutException:
+        raise MediaError(f"fetching {_short(source)!r} timed out after {timeout:g} s") from None
+    except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError, ValueError, OSError) as e:
+        raise MediaError(f"could not fetch {_short(source)!r}: {e}") from None
+    raise MediaError(f"fetching {_short(source)!r} was redirected more than {MAX_REDIRECTS} times")
+
+
+def _get_once(
+    client: httpx.Client,
+    url: httpx.URL,
+    policy: MediaPolicy,
+    deadline: float,
+    timeout: float,
+    max_bytes: int,
+) -> tuple[bytes, httpx.URL | None]:
+    """One request: (body, None), or (b"", next URL) for a redirect."""
+    target, headers, extensions = _prepare_hop(url, policy)
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise httpx.TimeoutException("deadline passed")
+    with client.stream(
+        "GET", target, headers=headers, extensions=extensions, timeout=httpx.Timeout(remaining)
+    ) as response:
+        if response.status_code in _REDIRECT_STATUSES:
+            location = response.headers.get("location")
+            if not location:
+                raise MediaError(f"{_short(str(url))!r} redirected without a Location header")
+            return b"", url.join(location)
+        if not 200 <= response.status_code < 300:
+            raise MediaError(
+                f"fetching {_short(str(url))!r} failed: the server answered HTTP {response.status_code}"
+            )
+        declared = response.headers.get("content-length")
+        if declared and declared.isdigit():
+            _check_size(int(declared), max_bytes, f"the media at {_short(str(url))!r}")
+        return _read_body(response, url, deadline, timeout, max_bytes), None
+
+
+def _read_body(
+    response: httpx.Response, url: httpx.URL, deadline: float, timeout: float, max_bytes: int
+) -> bytes:
+    """Stream the body, stopping as soon as it passes max_bytes or the overall deadline."""
+    buffer = bytearray()
+    for chunk in response.iter_bytes():  # as received, so the deadline is checked after every read
+        buffer += chunk
+        _check_size(len(buffer), max_bytes, f"the media at {_short(str(url))!r}")
+        if time.monotonic() > deadline:
+            raise httpx.TimeoutException(f"timed out after {timeout:g} s")
+    return bytes(buffer)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Images
+
+
+def _check_pixels(width: int, height: int, limits: MediaLimits) -> None:
+    if width < 1 or height < 1:
+        raise MediaError(f"the image has no pixels ({width}x{height})")
+    if width * height > limits.max_image_pixels:
+        raise LimitExceededError(
+            f"the image is {width}x{height} = {width * height} pixels; "
+            f"at most {limits.max_image_pixels} pixels are allowed"
+        )
+
+
+def _available_formats() -> list[str]:
+    """IMAGE_FORMATS that this Pillow build can open (AVIF needs libavif)."""
+    Image.init()
+    return [name for name in IMAGE_FORMATS if name in Image.OPEN]
+
+
+def decode_image(data: bytes, limits: MediaLimits | None = None) -> Image.Image:
+    """Decode image bytes fully, checking the pixel count from the header before any decoding."""
+    limits = limits or MediaLimits()
+    try:
+        image = Image.open(io.BytesIO(data), formats=_available_formats())
+    except Image.DecompressionBombError:
+        raise LimitExceededError(
+            f"the image has more pixels than the decoder's safety limit allows; "
+            f"at most {limits.max_image_pixels} pixels are allowed"
+        ) from None
+    except Image.UnidentifiedImageError:
+        raise MediaError(f"the data is not an image in a supported format ({_FORMAT_NAMES})") from None
+    except Exception as e:  # Pillow raises many types for bad input; none of them is a server fault
+        raise MediaError(f"cannot read the image ({e}); send {_FORMAT_NAMES}") from None
+    _check_pixels(image.width, image.height, limits)
+    try:
+        image.load()
+    except Image.DecompressionBombError:
+        raise LimitExceededError(f"the image is over the limit of {limits.max_image_pixels} pixels") from None
+    except Exception as e:
+        raise MediaError(f"the image is corrupt or truncated ({e})") from None
+    return image
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation, as photo viewers (and transformers' load_image) do."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block is no reason to refuse the pixels
+        return image
+
+
+def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
+    """Scale 16/32-bit grey to 8 bits; Pillow's convert would clip everything above 255 to white."""
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16") or values.max(initial=0) > 255:
+        values = values / 257.0
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB for the encoder: transparency composited on white, 16-bit grey scaled, other modes converted."""
+    if image.mode == "RGB":
+        return image
+    try:
+        if image.mode.startswith("I") or image.mode == "F":
+            return _sixteen_bit_to_l(image).convert("RGB")
+        has_alpha = "A" in image.getbands() or "transparency" in image.info
+        if not has_alpha:
+            return image.convert("RGB")
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    except Exception as e:
+        raise MediaError(f"cannot convert an image of mode {image.mode!r} to RGB ({e})") from None
+
+
+def load_image(
+    source: str | bytes | os.PathLike[str] | Image.Image,
+    policy: MediaPolicy | None = None,
+    limits: MediaLimits | None = None,
+) -> Image.Image:
+    """An RGB image from a source string, raw bytes or a PIL image, within the pixel limit."""
+    limits = limits or MediaLimits()
+    if isinstance(source, Image.Image):
+        _check_pixels(source.width, source.height, limits)
+        try:
+            source.load()
+        except Exception as e:
+            raise MediaError(f"the image is corrupt or truncated ({e})") from None
+        return to_rgb(source)
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source)
+        _check_size(len(data), limits.max_image_bytes, "the image")
+    else:
+        data = fetch_bytes(source, policy, limits, limits.max_image_bytes)
+    return to_rgb(_upright(decode_image(data, limits)))

@@ -1,0 +1,368 @@
+"""`glimpse serve MODEL`: the OpenAI-compatible HTTP server (API.md, HTTP).
+
+    POST /v1/chat/completions   POST /v1/completions   GET /v1/models
+    GET /health                 GET /metrics           GET /openapi.json, /docs
+
+Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}` with the status API.md gives;
+bad input is never a 5xx, and a bug in one request is a logged 500 that leaves the server serving.
+`build_app` makes the FastAPI app around a running `AsyncLLM` (tests and embedders use it); `serve`
+builds the engine from the command line and runs uvicorn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hmac
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from glimpse.engine.async_llm import AsyncLLM
+from glimpse.engine.engine import EngineConfig, LLMEngine
+from glimpse.errors import AuthenticationError, GlimpseError, InvalidRequestError
+from glimpse.server.args import ServerLimits
+from glimpse.server.metrics import CONTENT_TYPE, ServerMetrics
+from glimpse.server.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
+from glimpse.server.serving_chat import ChatHandler
+from glimpse.server.serving_completions import (
+    ClientDisconnected,
+    CompletionsHandler,
+    InternalServerError,
+    ServingContext,
+)
+
+log = logging.getLogger("glimpse.server")
+
+TEST_HOOKS_ENV = "GLIMPSE_TEST_HOOKS"
+# Routes counted by path in /metrics; anything else is counted as "other" (no label explosion).
+_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+# Sampling fields a checkpoint's generation_config.json may set as defaults (as vLLM applies them).
+_GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def error_response(exc: GlimpseError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse(ErrorResponse.from_error(exc).model_dump(), status_code=exc.status, headers=headers)
+
+
+class _HTTPMetrics:
+    """Pure ASGI middleware counting answered requests by method, route and status (streams untouched)."""
+
+    def __init__(self, app: Any, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_status(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            path = scope.get("path", "")
+            self.metrics.record_http(scope.get("method", ""), path if path in _ROUTES else "other", status)
+
+
+def _guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """Errors a user caused pass to the GlimpseError handler; anything else is a bug: logged, 500."""
+
+    async def run(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except (GlimpseError, ClientDisconnected):
+            raise
+        except Exception:
+            log.exception("unexpected error answering %s %s", request.method, request.url.path)
+            raise InternalServerError("internal server error; the details are in the server log") from None
+
+    return run
+
+
+def build_app(ctx: ServingContext, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app serving `ctx.llm` (the engine is already running)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        ctx.llm.shutdown()
+
+    app = FastAPI(
+        title="Glimpse", summary="OpenAI-compatible server for Nemotron Nano 2 VL", lifespan=lifespan
+    )
+    app.state.ctx = ctx
+    chat = ChatHandler(ctx)
+    completions = CompletionsHandler(ctx)
+
+    # Errors -------------------------------------------------------------------------------------------
+    @app.exception_handler(GlimpseError)
+    async def _glimpse_error(request: Request, exc: GlimpseError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kinds = {401: "authentication_error", 404: "not_found_error"}
+        kind = kinds.get(
+            exc.status_code, "invalid_request_error" if exc.status_code < 500 else "internal_server_error"
+        )
+        body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": exc.status_code}}
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(InvalidRequestError(f"invalid request: {exc.errors()}"))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error answering %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(InternalServerError("internal server error; the details are in the server log"))
+
+    # Authentication -------------------------------------------------------------------------------------
+    expected = api_key.encode() if api_key else None
+
+    async def require_api_key(request: Request) -> None:
+        if expected is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if not header:
+            raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>'")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+            raise AuthenticationError("incorrect API key")
+
+    # Routes -------------------------------------------------------------------------------------------
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+    @v1.post(
+        "/chat/completions",
+        responses={
+            200: {
+                "model": ChatCompletionResponse,
+                "description": "a completion, or an SSE stream of "
+                "chat.completion.chunk objects with stream=true",
+            }
+        },  # fmt: skip
+        openapi_extra={
+            "x-glimpse-request": "ChatCompletionRequest",
+            "x-glimpse-chunk": "ChatCompletionChunk",
+        },
+    )
+    async def create_chat_completion(request: Request) -> Response:
+        return await _guarded(chat.create)(request)
+
+    @v1.post(
+        "/completions",
+        responses={200: {"model": CompletionResponse}},
+        openapi_extra={"x-glimpse-request": "CompletionRequest"},
+    )
+    async def create_completion(request: Request) -> Response:
+        return await _guarded(completions.create)(request)
+
+    @v1.get("/models", response_model=ModelList)
+    async def list_models() -> JSONResponse:
+        card = ModelCard(
+            id=ctx.served_model_name, root=ctx.llm.engine.cfg.model, max_model_len=ctx.max_model_len
+        )
+        return JSONResponse(ModelList(data=[card]).model_dump())
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        """Open (no API key). `idle`: nothing in flight and every KV block and state slot free."""
+        return JSONResponse({"status": "ok", "model": ctx.served_model_name, "idle": ctx.llm.is_idle()})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text format; open (no API key)."""
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
+
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.add_middleware(_HTTPMetrics, metrics=ctx.metrics)
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus the request bodies (read raw, so FastAPI can't see them) and the chunk."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version="1", summary=app.summary, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    models = {"ChatCompletionRequest": ChatCompletionRequest, "CompletionRequest": CompletionRequest,
+              "ChatCompletionChunk": ChatCompletionChunk}  # fmt: skip
+    for name, model in models.items():
+        ref_template = "#/components/schemas/{model}"
+        mode = "serialization" if name.endswith("Chunk") else "validation"
+        body = model.model_json_schema(ref_template=ref_template, mode=mode)
+        components.update(body.pop("$defs", {}))
+        components[name] = body
+    for path in schema.get("paths", {}).values():
+        op = path.get("post")
+        if op and (name := op.pop("x-glimpse-request", None)):
+            op["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}},
+            }
+        if op and (chunk := op.pop("x-glimpse-chunk", None)):
+            op["responses"]["200"].setdefault("content", {})["text/event-stream"] = {
+                "schema": {"$ref": f"#/components/schemas/{chunk}"}
+            }
+    app.openapi_schema = schema
+    return schema
+
+
+# ------------------------------------------------------------------------------- from the command line
+
+
+def media_settings(limits: ServerLimits) -> tuple[Any, Any]:
+    """(MediaLimits, MediaPolicy) of the processing layer from the server's flags; (None, None) if the
+    processing layer has no media module (the engine's own settings then apply)."""
+    try:
+        from glimpse.processing.media import MediaLimits, MediaPolicy
+    except ImportError:
+        log.warning("glimpse.processing.media is missing: media limits fall back to the engine's defaults")
+        return None, None
+    wanted = {
+        "max_image_pixels": limits.max_image_pixels,
+        "max_video_bytes": limits.max_video_bytes,
+        "max_video_seconds": limits.max_video_seconds,
+        "max_video_frames": limits.max_video_frames,
+        "max_pdf_pages": limits.max_pdf_pages,
+        "fetch_timeout": limits.media_fetch_timeout,
+    }
+    media_limits = MediaLimits(**_known_fields(MediaLimits, wanted))
+    policy = {
+        "allowed_local_media_path": limits.allowed_local_media_path,
+        "allow_local_files": limits.allowed_local_media_path is not None,
+        "allow_private_urls": limits.allow_private_media_urls,
+    }
+    return media_limits, MediaPolicy(**_known_fields(MediaPolicy, policy))
+
+
+def _known_fields(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    if not dataclasses.is_dataclass(cls):
+        return values
+    names = {f.name for f in dataclasses.fields(cls)}
+    missing = sorted(set(values) - names)
+    if missing:
+        log.warning("%s has no field(s) %s; those server limits are not applied", cls.__name__, missing)
+    return {k: v for k, v in values.items() if k in names}
+
+
+def engine_stats(engine: LLMEngine) -> Callable[[], dict[str, Any]]:
+    """`engine.stats()` plus the blocks and slots held by live sequences (prefix-cache entries that are
+    evictable excluded): what must return to 0 once every request is done or aborted."""
+
+    def stats() -> dict[str, Any]:
+        out = dict(engine.stats())
+        if "kv_blocks_active" not in out:
+            cache = getattr(engine, "cache", None)
+            blocks, slots = getattr(cache, "blocks", None), getattr(cache, "slots", None)
+            if blocks is not None and hasattr(blocks, "ref_count"):
+                out["kv_blocks_active"] = sum(1 for c in list(blocks.ref_count) if c > 0)
+            if slots is not None and "state_slots_used" in out:
+                prefix = getattr(cache, "prefix", None)
+                out["state_slots_active"] = out["state_slots_used"] - len(
+                    getattr(prefix, "snapshots", ()) or ()
+                )
+        return out
+
+    return stats
+
+
+def generation_defaults(model_dir: Any) -> dict[str, Any]:
+    """Sampling defaults from the checkpoint's generation_config.json (for fields a request leaves out)."""
+    path = os.path.join(str(model_dir), "generation_config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return {k: config[k] for k in _GENERATION_DEFAULTS if config.get(k) is not None}
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    values["allowed_local_media_path"] = getattr(args, "allowed_local_media_path", None)
+    values["allow_private_media_urls"] = bool(getattr(args, "allow_private_media_urls", False))
+    return EngineConfig(**values)
+
+
+def make_context(args: argparse.Namespace, llm: AsyncLLM | None = None) -> ServingContext:
+    """Build (or take) the engine and everything the handlers need from parsed `glimpse serve` flags."""
+    rate = getattr(args, "video_pruning_rate", 0.0) or 0.0
+    if not 0 <= rate < 1:
+        raise ValueError(f"--video-pruning-rate must be in [0, 1), got {rate}")
+    if llm is None:
+        llm = AsyncLLM(LLMEngine(engine_config(args)))
+    limits = ServerLimits.from_args(args)
+    media_limits, media_policy = media_settings(limits)
+    name = getattr(args, "served_model_name", None) or args.model
+    defaults = generation_defaults(llm.engine.model_dir)
+    if defaults:
+        log.info("sampling defaults from generation_config.json: %s", defaults)
+    test_hooks = os.environ.get(TEST_HOOKS_ENV) == "1"
+    if test_hooks:
+        log.warning("%s=1: requests may force the model's output (tests only)", TEST_HOOKS_ENV)
+    return ServingContext(
+        llm=llm,
+        served_model_name=name,
+        limits=limits,
+        metrics=ServerMetrics(name, engine_stats(llm.engine), llm.is_idle),
+        media_limits=media_limits,
+        media_policy=media_policy,
+        test_hooks=test_hooks,
+        sampling_defaults=defaults,
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Entry of `glimpse serve`: load the model, then answer HTTP until interrupted."""
+    import uvicorn
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("glimpse").setLevel(logging.INFO)
+    ctx = make_context(args)
+    app = build_app(ctx, api_key=getattr(args, "api_key", None))
+    host, port = getattr(args, "host", "127.0.0.1"), getattr(args, "port", 8000)
+    log.info(
+        "serving %r (max_model_len %d) on http://%s:%d", ctx.served_model_name, ctx.max_model_len, host, port
+    )
+    uvicorn.run(app, host=host, port=port, log_level=getattr(args, "uvicorn_log_level", "info"),
+                timeout_graceful_shutdown=5)  # fmt: skip
+    return 0
+
+
+__all__ = ["build_app", "make_context", "serve", "error_response"]

@@ -1,0 +1,489 @@
+"""POST /v1/completions, and the machinery both OpenAI endpoints share (`ServingBase`).
+
+A request goes: read the body within --max-request-bytes -> `parse_request` (400 on any bad field) ->
+check the model name (404) -> tokenise -> check the context (400) -> the engine. Streams are SSE
+(`data: {...}\\n\\n`, then `data: [DONE]`); a client that goes away, streaming or not, has its engine
+requests aborted so their memory comes back at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from glimpse.engine.async_llm import AsyncLLM
+from glimpse.errors import GlimpseError, InvalidRequestError, LimitExceededError, NotFoundError
+from glimpse.outputs import CompletionOutput, RequestOutput
+from glimpse.processing.inputs import ProcessedInput
+from glimpse.sampling_params import SamplingParams
+from glimpse.server.args import ServerLimits
+from glimpse.server.metrics import ServerMetrics
+from glimpse.server.protocol import (
+    CompletionChoice,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    Usage,
+    completion_logprobs,
+    parse_request,
+    random_id,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# The field a test sends to force the model's output (only with GLIMPSE_TEST_HOOKS=1; API.md, Tests).
+FORCED_OUTPUT_FIELD = "glimpse_forced_output"
+# How often a non-streaming request checks that its client is still there.
+DISCONNECT_POLL_SECONDS = 0.25
+
+
+class InternalServerError(GlimpseError):
+    """500: a bug, never bad input. The message stays generic; the details go to the log."""
+
+    status = 500
+    error_type = "internal_server_error"
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its answer was ready; the engine requests have been aborted."""
+
+
+@dataclass
+class ServingContext:
+    """What every handler needs: the engine, the served name, the limits and the media settings."""
+
+    llm: AsyncLLM
+    served_model_name: str
+    limits: ServerLimits
+    metrics: ServerMetrics
+    media_limits: Any = None  # glimpse.processing.media.MediaLimits, when that module is present
+    media_policy: Any = None  # glimpse.processing.media.MediaPolicy
+    test_hooks: bool = False  # accept `glimpse_forced_output`
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)  # from generation_config.json
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm.engine.max_model_len
+
+    @property
+    def tokenizer(self):
+        return self.llm.engine.tokenizer
+
+
+def sse(data: Any) -> str:
+    """One server-sent event; `data` is a response model, a dict, or the final "[DONE]"."""
+    if isinstance(data, str):
+        return f"data: {data}\n\n"
+    if hasattr(data, "model_dump"):
+        data = data.model_dump()
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def error_event(exc: GlimpseError) -> str:
+    """An error after a stream has started (its status line was already sent): as vLLM, an SSE event."""
+    return sse(ErrorResponse.from_error(exc))
+
+
+async def merge_streams(gens: Sequence[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Items of several async iterators as they come, tagged with the iterator's index.
+
+    An exception from any of them is raised here; leaving early (or an error) closes all of them, which
+    aborts their engine requests.
+    """
+    if len(gens) == 1:
+        gen = gens[0]
+        try:
+            async for item in gen:
+                yield 0, item
+        finally:
+            await gen.aclose()  # type: ignore[attr-defined]
+        return
+    done = object()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, gen: AsyncIterator[T]) -> None:
+        try:
+            async for item in gen:
+                queue.put_nowait((i, item))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait((i, e))
+        finally:
+            queue.put_nowait((i, done))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class RequestTracker:
+    """Times one engine request (TTFT, end to end) and reports it to the metrics when it ends."""
+
+    def __init__(self, metrics: ServerMetrics, arrival: float) -> None:
+        self.metrics = metrics
+        self.arrival = arrival
+        self.first_token: float | None = None
+        self.last: RequestOutput | None = None
+        self.recorded = False
+
+    def see(self, out: RequestOutput) -> None:
+        self.last = out
+        if self.first_token is None and any(o.token_ids for o in out.outputs):
+            self.first_token = time.monotonic()
+            self.metrics.record_first_token(self.first_token - self.arrival)
+        if out.finished:
+            self.record()
+
+    def record(self) -> None:
+        """Report once: at the finish, or when the request was abandoned (aborted, failed)."""
+        if self.recorded or self.last is None:
+            return
+        self.recorded = True
+        out = self.last
+        self.metrics.record_request(
+            prompt_tokens=len(out.prompt_token_ids),
+            generation_tokens=sum(len(o.token_ids) for o in out.outputs),
+            finish_reasons=[o.finish_reason if out.finished else "abort" for o in out.outputs],
+            e2e_seconds=time.monotonic() - self.arrival,
+            cached_tokens=out.num_cached_tokens,
+            video_tokens=out.video_tokens,
+            media=out.media or (),
+        )
+
+
+def usage_of(outs: Sequence[RequestOutput]) -> Usage:
+    """Usage summed over the engine requests of one API request (several prompts, n choices each)."""
+    prompt = sum(len(o.prompt_token_ids) for o in outs)
+    completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    cached = sum(o.num_cached_tokens for o in outs)
+    videos = [o.video_tokens for o in outs if o.video_tokens]
+    video = (
+        {"total": sum(v["total"] for v in videos), "kept": sum(v["kept"] for v in videos)} if videos else None
+    )
+    return Usage.make(prompt, completion, cached_tokens=cached, video_tokens=video)
+
+
+def logprob_steps(c: CompletionOutput) -> list:
+    """The per-token logprob dicts of an output, cut to its tokens (the engine's list keeps growing)."""
+    return list(c.logprobs[: len(c.token_ids)]) if c.logprobs is not None else []
+
+
+def json_response(model: Any, status: int = 200) -> JSONResponse:
+    return JSONResponse(model.model_dump() if hasattr(model, "model_dump") else model, status_code=status)
+
+
+class ServingBase:
+    """Request plumbing both endpoints share."""
+
+    def __init__(self, ctx: ServingContext) -> None:
+        self.ctx = ctx
+
+    # Input --------------------------------------------------------------------------------------------
+    async def read_body(self, request: Request) -> bytes:
+        """The raw body, refused with 413 past --max-request-bytes: by Content-Length before reading a
+        byte, and by counting while reading (chunked bodies have no length)."""
+        limit = self.ctx.limits.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                raise InvalidRequestError("the Content-Length header is not a number") from None
+            if size > limit:
+                raise LimitExceededError(
+                    f"the request body is {size} bytes; this server accepts at most {limit} "
+                    "(--max-request-bytes)"
+                )
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise LimitExceededError(
+                    f"the request body is over {limit} bytes, the most this server accepts "
+                    "(--max-request-bytes)"
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def check_model(self, name: str | None) -> None:
+        """404 unless the request names the served model (or names none)."""
+        if name is not None and name != self.ctx.served_model_name:
+            raise NotFoundError(
+                f"the model {name!r} does not exist; this server serves {self.ctx.served_model_name!r}",
+                param="model",
+            )
+
+    def forced_output(self, body: bytes) -> list[int] | None:
+        """Token ids to force (`glimpse_forced_output` + EOS), only on a server started with test hooks."""
+        if not self.ctx.test_hooks:
+            return None
+        try:
+            text = json.loads(body).get(FORCED_OUTPUT_FIELD)
+        except (ValueError, AttributeError):
+            return None
+        if text is None:
+            return None
+        if not isinstance(text, str):
+            raise InvalidRequestError(f"{FORCED_OUTPUT_FIELD} must be a string", param=FORCED_OUTPUT_FIELD)
+        engine = self.ctx.llm.engine
+        tok = engine.tokenizer
+        eos = tok.eos_token_id if tok.eos_token_id in engine.eos_token_ids else engine.eos_token_ids[0]
+        return tok.encode(text, add_special_tokens=False) + [eos]
+
+    def check_context(self, n_prompt: int, param: str) -> None:
+        """400 when the prompt leaves no room for even one generated token."""
+        limit = self.ctx.max_model_len
+        if n_prompt + 1 > limit:
+            raise InvalidRequestError(
+                f"the prompt has {n_prompt} tokens; this model's context is {limit} tokens, which must hold "
+                "the prompt and at least one generated token",
+                param=param,
+            )
+
+    def sampling_params(
+        self, req: Any, inp: ProcessedInput, forced: list[int] | None, param: str
+    ) -> SamplingParams:
+        n_prompt = len(inp.prompt_token_ids)
+        self.check_context(n_prompt, param)
+        params = req.to_sampling_params(
+            default_max_tokens=self.ctx.max_model_len - n_prompt, defaults=self.ctx.sampling_defaults
+        )
+        if forced is not None:
+            params.forced_token_ids = forced
+        return params
+
+    # Running ------------------------------------------------------------------------------------------
+    async def until_disconnected(self, request: Request, work: Awaitable[T]) -> T:
+        """Await `work`, cancelling it (and so aborting its engine requests) if the client goes away."""
+        task = asyncio.ensure_future(work)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    raise ClientDisconnected()
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    def generators(
+        self, inputs: Sequence[ProcessedInput], params: Sequence[SamplingParams], prefix: str
+    ) -> list[AsyncIterator[RequestOutput]]:
+        llm = self.ctx.llm
+        return [llm.generate(inp, p, f"{prefix}-{i}") for i, (inp, p) in enumerate(zip(inputs, params))]
+
+    async def collect(
+        self, gens: Sequence[AsyncIterator[RequestOutput]], trackers: Sequence[RequestTracker]
+    ) -> list[RequestOutput]:
+        """Run every engine request to its end; the final output of each, in order."""
+        finals: list[RequestOutput | None] = [None] * len(gens)
+        try:
+            async for i, out in merge_streams(gens):
+                trackers[i].see(out)
+                finals[i] = out
+        finally:
+            for t in trackers:
+                t.record()
+        return finals  # type: ignore[return-value]
+
+    def streaming_response(
+        self, request: Request, events: AsyncIterator[str], trackers: Sequence[RequestTracker]
+    ) -> StreamingResponse:
+        """SSE from `events`, stopped (and its engine requests aborted) when the client disconnects."""
+
+        async def body() -> AsyncIterator[str]:
+            try:
+                async for event in events:
+                    if await request.is_disconnected():
+                        log.debug("client disconnected; aborting its stream")
+                        return
+                    yield event
+            except GlimpseError as e:
+                yield error_event(e)
+                yield sse("[DONE]")
+            except Exception:
+                log.exception("a stream failed")
+                yield error_event(InternalServerError("internal server error"))
+                yield sse("[DONE]")
+            finally:
+                await events.aclose()  # type: ignore[attr-defined]
+                for t in trackers:
+                    t.record()
+
+        return StreamingResponse(
+            body(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+
+async def first_and_rest(
+    stream: AsyncIterator[T], request: Request, base: ServingBase
+) -> tuple[T | None, AsyncIterator[T]]:
+    """Wait for a stream's first item before answering, so that errors the engine raises at admission
+    (a prompt over the context, bad token ids) still get their HTTP status instead of a 200 stream."""
+    try:
+        first = await base.until_disconnected(request, stream.__anext__())
+    except StopAsyncIteration:
+        return None, stream
+    except BaseException:
+        await stream.aclose()  # type: ignore[attr-defined]
+        raise
+
+    async def chained() -> AsyncIterator[T]:
+        try:
+            yield first
+            async for item in stream:
+                yield item
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    return first, chained()
+
+
+class CompletionsHandler(ServingBase):
+    """POST /v1/completions: one prompt or a batch (strings or token ids), n choices each."""
+
+    async def create(self, request: Request) -> Response:
+        arrival = time.monotonic()
+        body = await self.read_body(request)
+        req = parse_request(CompletionRequest, body)
+        self.check_model(req.model)
+        forced = self.forced_output(body)
+        processor = self.ctx.llm.engine.processor
+        inputs: list[ProcessedInput] = []
+        for p in req.prompts():
+            inp = processor.from_prompt(p if isinstance(p, str) else {"prompt_token_ids": p})
+            if not inp.prompt_token_ids:
+                raise InvalidRequestError("the prompt is empty", param="prompt")
+            inputs.append(inp)
+        params = [self.sampling_params(req, inp, forced, "prompt") for inp in inputs]
+        request_id = random_id("cmpl")
+        gens = self.generators(inputs, params, request_id)
+        trackers = [RequestTracker(self.ctx.metrics, arrival) for _ in gens]
+        n = params[0].n
+        echo = [self._echo_text(inp) if req.echo else "" for inp in inputs]
+        if req.stream:
+            _, events = await first_and_rest(merge_streams(gens), request, self)
+            stream = self._stream(req, request_id, events, trackers, n, echo)
+            return self.streaming_response(request, stream, trackers)
+        try:
+            finals = await self.until_disconnected(request, self.collect(gens, trackers))
+        finally:
+            for g in gens:
+                await g.aclose()  # type: ignore[attr-defined]
+        choices = []
+        for i, out in enumerate(finals):
+            for c in out.outputs:
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = completion_logprobs(c.token_ids, logprob_steps(c), req.logprobs, len(echo[i]))
+                choices.append(
+                    CompletionChoice(
+                        index=i * n + c.index,
+                        text=echo[i] + c.text,
+                        logprobs=logprobs,
+                        finish_reason=c.finish_reason,
+                        stop_reason=c.stop_reason,
+                    )
+                )
+        resp = CompletionResponse(
+            id=request_id, model=self.ctx.served_model_name, choices=choices, usage=usage_of(finals)
+        )
+        return json_response(resp)
+
+    def _echo_text(self, inp: ProcessedInput) -> str:
+        if inp.prompt is not None:
+            return inp.prompt
+        return self.ctx.tokenizer.decode(inp.prompt_token_ids)
+
+    async def _stream(
+        self,
+        req: CompletionRequest,
+        request_id: str,
+        events: AsyncIterator[tuple[int, RequestOutput]],
+        trackers: Sequence[RequestTracker],
+        n: int,
+        echo: list[str],
+    ) -> AsyncIterator[str]:
+        model = self.ctx.served_model_name
+        created = int(time.time())
+        sent_text: dict[int, int] = {}  # choice index -> characters sent
+        sent_tokens: dict[int, int] = {}  # choice index -> tokens sent
+        done: set[int] = set()
+        finals: dict[int, RequestOutput] = {}
+        continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+        async for i, out in events:
+            trackers[i].see(out)
+            finals[i] = out
+            for c in out.outputs:
+                index = i * n + c.index
+                if index in done:
+                    continue
+                prefix = echo[i] if index not in sent_text else ""
+                start, tok_start = sent_text.get(index, 0), sent_tokens.get(index, 0)
+                text, new_ids = c.text[start:], c.token_ids[tok_start:]
+                logprobs = None
+                if req.logprobs is not None and new_ids:
+                    steps = logprob_steps(c)[tok_start:]
+                    logprobs = completion_logprobs(new_ids, steps, req.logprobs, len(echo[i]) + start)
+                sent_text[index], sent_tokens[index] = len(c.text), len(c.token_ids)
+                if c.finish_reason is not None:
+                    done.add(index)
+                if not (prefix or text or logprobs or c.finish_reason):
+                    continue
+                choice = CompletionChoice(
+                    index=index,
+                    text=prefix + text,
+                    logprobs=logprobs,
+                    finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason,
+                )
+                usage = usage_of([finals[k] for k in sorted(finals)]) if continuous else None
+                yield sse(
+                    CompletionChunk(
+                        id=request_id, created=created, model=model, choices=[choice], usage=usage
+                    )
+                )
+        if req.include_usage:
+            usage = usage_of([finals[i] for i in sorted(finals)])
+            yield sse(CompletionChunk(id=request_id, created=created, model=model, usage=usage))
+        yield sse("[DONE]")
+
+
+__all__ = [
+    "ServingContext",
+    "ServingBase",
+    "CompletionsHandler",
+    "InternalServerError",
+    "ClientDisconnected",
+    "merge_streams",
+    "sse",
+]
