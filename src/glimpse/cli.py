@@ -22,6 +22,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--video-pruning-rate", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
 
 
 def _llm(args: argparse.Namespace):
@@ -31,7 +32,7 @@ def _llm(args: argparse.Namespace):
         args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         mamba_ssm_cache_dtype=args.mamba_ssm_cache_dtype, gpu_memory_utilization=args.gpu_memory_utilization,
-        video_pruning_rate=args.video_pruning_rate, seed=args.seed,
+        video_pruning_rate=args.video_pruning_rate, seed=args.seed, enforce_eager=args.enforce_eager,
     )  # fmt: skip
 
 

@@ -129,8 +129,17 @@ class LLMEngine:
 
         budget = self._cache_budget()
         slots, blocks, self.max_model_len = _plan_memory(self.config, cfg, budget, self.dtype, self.ssm_dtype)
+        use_graphs = self.device.type == "cuda" and not cfg.enforce_eager
+        # With CUDA graphs, one extra slot and block (no sequence owns them) absorb the padding rows.
+        extra = 1 if use_graphs else 0
         self.cache_tensors = allocate_cache_tensors(
-            self.config, slots, blocks, cfg.block_size, self.dtype, self.ssm_dtype, self.device
+            self.config,
+            slots + extra,
+            blocks + extra,
+            cfg.block_size,
+            self.dtype,
+            self.ssm_dtype,
+            self.device,
         )
         self.prefix_cache = PrefixCache() if cfg.enable_prefix_caching else None
         self.cache = CacheManager(
@@ -145,6 +154,14 @@ class LLMEngine:
             cfg.encoder_cache_bytes or (2 << 30 if self.device.type == "cuda" else 512 << 20)
         )
         self.processor = InputProcessor(self)
+        if use_graphs:
+            from glimpse.engine.cuda_graphs import DecodeGraphs
+
+            self.runner.graphs = DecodeGraphs(
+                self.model, self.cache_tensors, self.device, self.scheduler.max_num_seqs,
+                -(-self.max_model_len // cfg.block_size), scratch_slot=slots, scratch_block=blocks,
+            )  # fmt: skip
+            self.runner.graphs.capture()
         self._think_ids: tuple | None = None
         self._structured = None  # the grammar compiler, made on the first constrained request
         self._structured_lock = threading.Lock()

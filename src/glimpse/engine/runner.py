@@ -24,7 +24,8 @@ class ModelRunner:
         self.cache = cache
         self.device = device
         self.eos_token_ids = eos_token_ids
-        self.num_forward_tokens = 0  # tokens computed so far (the prefix cache saves some of them)
+        self.num_forward_tokens = 0
+        self.graphs = None  # DecodeGraphs on CUDA (set by the engine), None for eager execution  # tokens computed so far (the prefix cache saves some of them)
 
     def _reset_states(self, seqs: list[Sequence]) -> None:
         """A sequence starting from token 0 must start from zero Mamba state, whoever had its slot before."""
@@ -59,6 +60,14 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> tuple[list[Sequence], SamplerOutput | None]:
         """Run one step; returns the sequences that sampled a token and what they sampled."""
         chunks = sched.chunks
+        if self._graph_step(chunks):
+            seqs = [c.seq for c in chunks]
+            logits = self.graphs.run(
+                [c.seq.token_ids(c.start, c.start + 1)[0] for c in chunks], [c.seq.slot for c in chunks],
+                [c.seq.block_ids for c in chunks], [c.start for c in chunks],
+            )  # fmt: skip
+            self.num_forward_tokens += len(chunks)
+            return seqs, self._sample(seqs, logits)
         self._reset_states([c.seq for c in chunks if c.start == 0])
         token_ids: list[int] = []
         for c in chunks:
@@ -86,13 +95,23 @@ class ModelRunner:
         if not due:
             return [], None
         seqs = [chunks[i].seq for i in due]
+        return seqs, self._sample(seqs, logits)
+
+    def _graph_step(self, chunks) -> bool:
+        """A pure decode step (one new token each, every state already started) that a graph can run."""
+        if self.graphs is None or not all(c.num_tokens == 1 and c.start > 0 for c in chunks):
+            return False
+        if any(span.start <= c.start < span.end for c in chunks for span in c.seq.request.media_spans):
+            return False
+        return self.graphs.can_run(len(chunks), max(len(c.seq.block_ids) for c in chunks))
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> SamplerOutput:
         mask = None
         if any(s.grammar is not None and not s.grammar_waits for s in seqs):
             from glimpse.engine.structured import batch_allowed_mask
 
             matchers = [s.grammar if not s.grammar_waits else None for s in seqs]
             mask = batch_allowed_mask(matchers, logits.shape[-1], logits.device)
-        result = sample(
+        return sample(
             logits, [s.sampling_state for s in seqs], self.eos_token_ids, mask, generator=self.generator
         )
-        return seqs, result

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from glimpse.kernels import triton_attention
+
 
 def write_kv(
     key: torch.Tensor,  # [T, KVH, D]
@@ -31,9 +33,14 @@ def paged_attention(
     scale: float,
     key: torch.Tensor | None = None,  # [T, KVH, D]: the new tokens' K/V (already written to the cache)
     value: torch.Tensor | None = None,
+    seq_lens: torch.Tensor | None = None,  # int32 [S] on the device: context + new tokens
 ) -> torch.Tensor:
     """Each new token attends to its sequence's cached tokens and the new ones up to itself."""
     if all(n == 1 for n in query_lens):
+        if seq_lens is not None and triton_attention.available(query):
+            return triton_attention.paged_decode_attention(
+                query, key_cache, value_cache, block_tables, seq_lens, scale
+            )
         return _decode_attention(query, key_cache, value_cache, block_tables, context_lens, scale)
     block_size = key_cache.shape[1]
     out = torch.empty_like(query)

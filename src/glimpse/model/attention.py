@@ -42,5 +42,6 @@ class Attention(nn.Module):
             self.scale,
             k,
             v,
+            batch.seq_lens_t,
         )
         return self.o_proj(out.reshape(T, self.heads * self.head_dim))

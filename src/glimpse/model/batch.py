@@ -36,7 +36,10 @@ class ForwardBatch:
     query_lens: list[int]
     context_lens: list[int]
     state_slots: torch.Tensor  # int64 [S]: each sequence's Mamba state slot
-    block_tables: torch.Tensor  # int64 [S, max_blocks]: each sequence's KV blocks, -1 padded
+    block_tables: torch.Tensor  # int64 [S, max_blocks]: each sequence's KV blocks
+    # Device-side copies a CUDA graph replays from (filled by the graph runner); derived otherwise.
+    seq_lens_t: torch.Tensor | None = None  # int32 [S]: context + new tokens
+    slot_mapping_t: torch.Tensor | None = None  # int64 [T]
 
     def __post_init__(self) -> None:
         device = self.state_slots.device
@@ -49,7 +52,10 @@ class ForwardBatch:
         self.is_decode = all(n == 1 for n in self.query_lens)
         self.has_initial_state = [c > 0 for c in self.context_lens]
         self.cu_query_lens = self.cu_query_lens.to(device)
-        self._slot_mapping: torch.Tensor | None = None
+        self._slot_mapping: torch.Tensor | None = self.slot_mapping_t
+        if self.seq_lens_t is None:
+            lens = [c + n for c, n in zip(self.context_lens, self.query_lens)]
+            self.seq_lens_t = torch.tensor(lens, dtype=torch.int32).to(device)
 
     def slot_mapping(self, block_size: int) -> torch.Tensor:
         """Flat KV cache position (block * block_size + offset) of every new token, int64 [T]."""
