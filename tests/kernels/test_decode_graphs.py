@@ -33,11 +33,13 @@ def test_triton_paged_decode_matches_torch(dtype):
 def test_graph_replay_equals_eager():
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     prompts = [{"prompt_token_ids": list(range(30, 30 + n))} for n in (3, 17, 50, 9, 33)]
-    eager = LLM("tiny", device="cuda", dtype="float32", enforce_eager=True, max_num_seqs=8).generate(
-        prompts, params
-    )
-    graphed_llm = LLM("tiny", device="cuda", dtype="float32", max_num_seqs=8)
+    small = dict(device="cuda", dtype="float32", max_num_seqs=8, gpu_memory_utilization=0.3)
+    eager_llm = LLM("tiny", enforce_eager=True, **small)
+    eager = eager_llm.generate(prompts, params)
+    eager_llm.engine.close()
+    graphed_llm = LLM("tiny", **small)
     assert graphed_llm.engine.runner.graphs is not None
     graphed = graphed_llm.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in graphed] == [o.outputs[0].token_ids for o in eager]
     assert graphed_llm.engine.all_memory_free()
+    graphed_llm.engine.close()

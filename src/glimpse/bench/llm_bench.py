@@ -8,7 +8,6 @@ random tokens, so no cache can serve it.
 
 from __future__ import annotations
 
-import gc
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -43,11 +42,7 @@ def _engine(ctx: BenchContext, **kw) -> LLMEngine:
 
 
 def _release(engine: LLMEngine) -> None:
-    del engine.cache_tensors
-    engine.runner.cache = None
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    engine.close()
 
 
 def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:

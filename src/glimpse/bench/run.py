@@ -91,7 +91,7 @@ def main(args: argparse.Namespace) -> int:
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     results: dict = {"environment": _environment(device), "results": []}
     if "hf-reference" in scenarios:
-        results["results"] += run_hf_reference(args)
+        results["results"] += [_report(r) for r in run_hf_reference(args)]
         scenarios.remove("hf-reference")
     if scenarios:
         model, tokenizer = _load(args, device, dtype)

@@ -53,6 +53,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     cache_memory_bytes: int | None = None
     block_size: int = 16
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     encoder_cache_bytes: int | None = (
         None  # vision embeddings kept for reuse (default 2 GiB GPU, 512 MiB CPU)
     )
@@ -466,6 +467,18 @@ class LLMEngine:
             "encoder_cache_misses": enc.misses,
             "encoder_cache_bytes": enc.bytes,
         }
+
+    def close(self) -> None:
+        """Give the caches and CUDA graphs back to the device (the model stays: the caller may reuse it)."""
+        import gc
+
+        self.requests.clear()
+        self.runner.graphs = None
+        self.runner.cache = None
+        self.cache_tensors = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def all_memory_free(self) -> bool:
         return self.cache.all_free()
