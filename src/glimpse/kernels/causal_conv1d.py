@@ -40,6 +40,10 @@ def causal_conv1d_update(
     slots: torch.Tensor,  # int64 [B]
 ) -> torch.Tensor:
     """Decode: slide each sequence's window by one token."""
+    from glimpse.kernels import triton_conv as _gpu  # Triton on CUDA; torch below = reference
+
+    if _gpu.available(x):
+        return _gpu.causal_conv1d_update(x, weight, bias, conv_state, slots)
     window = torch.cat([conv_state[slots].to(x.dtype), x.unsqueeze(1)], 1)  # [B, K, C]
     y = (window * weight.t().unsqueeze(0)).sum(1)
     if bias is not None:

@@ -60,6 +60,10 @@ def ssd_chunk_scan_varlen(
     chunk_size: int,
 ) -> torch.Tensor:
     """Packed prompt chunks of several sequences, each continuing from its cached state (or zeros)."""
+    if x.is_cuda:  # vectorised over all chunks on the GPU; the loops below are the reference
+        from glimpse.kernels.ssd_vectorized import ssd_chunk_scan_varlen_vectorized as _vec
+
+        return _vec(x, dt, A, B, C, D, ssm_state, cu_seqlens, slots, has_initial_state, chunk_size)
     heads = x.shape[1]
     xf, Bf, Cf = x.float(), _heads(B.float(), heads), _heads(C.float(), heads)
     y = torch.empty_like(xf)
@@ -83,6 +87,10 @@ def selective_state_update(
     slots: torch.Tensor,  # int64 [B]
 ) -> torch.Tensor:
     """Decode: one recurrent step for every sequence at once."""
+    from glimpse.kernels import triton_ssm_update as _gpu  # Triton on CUDA; torch below = reference
+
+    if _gpu.available(x):
+        return _gpu.selective_state_update(x, dt, A, B, C, D, ssm_state, slots)
     heads = x.shape[1]
     xf = x.float()
     Bh, Ch = _heads(B.float(), heads), _heads(C.float(), heads)
