@@ -9,9 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from glimpse.config import NemotronHConfig
-from glimpse.kernels.causal_conv1d import causal_conv1d_update, causal_conv1d_varlen
+from glimpse.kernels.causal_conv1d import causal_conv1d_varlen
 from glimpse.kernels.norms import gated_rms_norm
-from glimpse.kernels.ssd import selective_state_update, ssd_chunk_scan_varlen
+from glimpse.kernels.ssd import ssd_chunk_scan_varlen
+from glimpse.kernels.triton_conv import causal_conv1d_update_silu
+from glimpse.kernels.triton_ssm_update import selective_state_update_fused_dt
 from glimpse.model.batch import CacheTensors, ForwardBatch
 
 
@@ -60,11 +62,11 @@ class Mamba2Mixer(nn.Module):
         ssm_state = cache.ssm_state[self.mamba_index]
         weight = self.conv1d.weight.squeeze(1)  # [C, K]
         A = -torch.exp(self.A_log.float())
-        dt = self._dt(dt)
 
-        if batch.is_decode:
-            xBC = F.silu(causal_conv1d_update(xBC, weight, self.conv1d.bias, conv_state, batch.state_slots))
+        if batch.is_decode:  # one fused pass each for conv + silu and for softplus(dt) + the state update
+            xBC = causal_conv1d_update_silu(xBC, weight, self.conv1d.bias, conv_state, batch.state_slots)
         else:
+            dt = self._dt(dt)
             cu = batch.cu_query_lens.tolist()
             slots = batch.state_slots.tolist()
             xBC = causal_conv1d_varlen(
@@ -78,7 +80,9 @@ class Mamba2Mixer(nn.Module):
         C = C.view(T, self.groups, self.state_size)
 
         if batch.is_decode:
-            y = selective_state_update(x, dt, A, B, C, self.D, ssm_state, batch.state_slots)
+            y = selective_state_update_fused_dt(
+                x, dt, self.dt_bias, A, B, C, self.D, ssm_state, batch.state_slots, (self.dt_min, self.dt_max)
+            )
         else:
             y = ssd_chunk_scan_varlen(
                 x, dt, A, B, C, self.D, ssm_state, cu, slots, batch.has_initial_state, self.chunk_size
