@@ -102,6 +102,7 @@ def test_prefix_cache_equals_no_cache_and_saves_compute(reference_engine):
     assert (
         stats["prefix_cache_hit_tokens"] == 3 * 96 + computed[5][1] and stats["prefix_cache_snapshots"] >= 2
     )
+    assert stats["prefix_cache_bytes"] > 0
 
 
 def test_prefix_cache_under_memory_pressure_stays_correct(reference_engine):

@@ -462,11 +462,20 @@ class LLMEngine:
             "prefix_cache_hit_tokens": self.prefix_cache.hit_tokens if self.prefix_cache else 0,
             "prefix_cache_query_tokens": self.prefix_cache.query_tokens if self.prefix_cache else 0,
             "prefix_cache_blocks": len(self.prefix_cache.block_by_hash) if self.prefix_cache else 0,
-            "prefix_cache_snapshots": len(self.prefix_cache.snapshots) if self.prefix_cache else 0,
+            "prefix_cache_snapshots": snapshots,
+            "prefix_cache_bytes": self._prefix_cache_bytes(),
             "encoder_cache_hits": enc.hits,
             "encoder_cache_misses": enc.misses,
             "encoder_cache_bytes": enc.bytes,
         }
+
+    def _prefix_cache_bytes(self) -> int:
+        """Bytes the prefix cache keeps: cached KV blocks plus Mamba state snapshots."""
+        if self.prefix_cache is None:
+            return 0
+        block = kv_bytes_per_token(self.config, self.dtype) * self.cfg.block_size
+        state = state_bytes_per_sequence(self.config, self.dtype, self.ssm_dtype)
+        return len(self.prefix_cache.block_by_hash) * block + len(self.prefix_cache.snapshots) * state
 
     def close(self) -> None:
         """Give the caches and CUDA graphs back to the device (the model stays: the caller may reuse it)."""
