@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -15,20 +12,9 @@ from glimpse.processing.evs import (
     retention_mask,
     tokens_per_frame,
 )
+from tests.golden import golden_cases
 
-
-def _golden_cases(name: str) -> list:
-    """Cases of shared/reference/<name> (inside the checkout or beside it); a skipped param if absent."""
-    root = Path(__file__).resolve().parents[2]
-    for base in (root / "shared", root.parent / "shared"):
-        path = base / "reference" / name
-        if path.exists():
-            return json.loads(path.read_text())["cases"]
-    skip = pytest.mark.skip(reason=f"shared/reference/{name} not found")
-    return [pytest.param(None, marks=skip, id="golden-file-missing")]
-
-
-CASES = _golden_cases("evs.json")
+CASES = golden_cases("evs.json")
 
 
 @pytest.mark.parametrize(

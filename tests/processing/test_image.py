@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,20 +20,9 @@ from glimpse.processing.image import (
     tile_image,
     tiles_to_tensor,
 )
+from tests.golden import golden_cases
 
-
-def _golden_cases(name: str) -> list:
-    """Cases of shared/reference/<name> (inside the checkout or beside it); a skipped param if absent."""
-    root = Path(__file__).resolve().parents[2]
-    for base in (root / "shared", root.parent / "shared"):
-        path = base / "reference" / name
-        if path.exists():
-            return json.loads(path.read_text())["cases"]
-    skip = pytest.mark.skip(reason=f"shared/reference/{name} not found")
-    return [pytest.param(None, marks=skip, id="golden-file-missing")]
-
-
-CASES = _golden_cases("tiles.json")
+CASES = golden_cases("tiles.json")
 
 
 def _id(case: dict) -> str:
