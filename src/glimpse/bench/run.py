@@ -21,9 +21,12 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, help="a checkpoint directory, hub id or built-in model")
     src.add_argument("--random-weights", default=None, metavar="ARCH",
-                     help="the full-size architecture with random weights, e.g. nemotron-nano-12b-v2")  # fmt: skip
+                     help="the full-size architecture with random weights: nemotron-nano-12b-v2 (text) or "
+                          "nemotron-nano-12b-v2-vl (RADIO ViT-H + projector + the 12B LLM)")  # fmt: skip
     p.add_argument("--scenarios", default="decode1,decode,prefill,drift",
-                   help="comma list of decode1, decode, prefill, drift, hf-reference")  # fmt: skip
+                   help="comma list of decode1, decode, prefill, drift, hf-reference (language model); vision, "
+                        "video-ttft (need a VL model); video-decode, online (run first, before any model is "
+                        "loaded in this process)")  # fmt: skip
     p.add_argument("--concurrency", type=_ints, default=[16, 64, 256])
     p.add_argument("--ssm-dtypes", default="float32,bfloat16")
     p.add_argument("--prompt-len", type=int, default=1024)
@@ -34,6 +37,61 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--json", default="bench.json", help="where to write the results")
+    _add_vision_args(p)
+    _add_online_args(p)
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def _add_vision_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("vision (d), video-ttft (e), video-decode (e2)")
+    g.add_argument("--vision-batch", type=int, default=128, help="tiles per encoder call")
+    g.add_argument("--vision-size", type=int, default=512, help="tile side in pixels")
+    g.add_argument("--vision-repeats", type=int, default=5)
+    g.add_argument("--video-frames", type=int, default=128, help="frames in memory per video question")
+    g.add_argument("--video-size", type=int, default=512, help="frame side in pixels")
+    g.add_argument("--pruning-rates", default="0,0.75", help="EVS pruning rates for video-ttft")
+    g.add_argument("--video-repeats", type=int, default=1, help="questions per pruning rate (median)")
+    g.add_argument("--decode-width", type=int, default=1920)
+    g.add_argument("--decode-height", type=int, default=1080)
+    g.add_argument("--decode-fps", type=int, default=30)
+    g.add_argument("--decode-segment-seconds", type=float, default=60.0, help="length of the encoded segment")
+    g.add_argument("--decode-segments", type=int, default=60, help="copies of the segment remuxed end to end")
+    g.add_argument("--decode-keyint", type=int, default=60, help="frames between keyframes")
+    g.add_argument("--decode-codec", default="auto", help="auto (libx264, else mpeg4), libx264, mpeg4")
+    g.add_argument("--decode-preset", default="veryfast", help="libx264 preset of the segment")
+    g.add_argument("--decode-frames", type=int, default=128, help="frames sampled (num_frames)")
+    g.add_argument("--decode-sample-fps", type=float, default=2.0, help="sampling fps")
+    g.add_argument("--decode-repeats", type=int, default=3)
+    g.add_argument("--decode-baseline-seconds", type=float, default=300.0,
+                   help="seconds of video the every-frame baseline decodes before extrapolating to the "
+                        "whole file (0: decode it all)")  # fmt: skip
+    g.add_argument("--decode-dir", default=None,
+                   help="where the long video is made and kept for reuse (default: a glimpse-bench folder "
+                        "in the temp dir)")  # fmt: skip
+
+
+def _add_online_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("online (f): glimpse serve under load")
+    g.add_argument("--online-concurrency", type=_ints, default=[16], help="comma list of client counts")
+    g.add_argument("--online-requests", type=int, default=200, help="requests per concurrency level")
+    g.add_argument("--online-mix", default="text:0.4,image:0.3,pdf:0.15,video:0.15")
+    g.add_argument("--online-prefix-caching", default="on,off", help="on, off or on,off (a server each)")
+    g.add_argument("--online-output-len", type=int, default=128, help="max_tokens, with ignore_eos")
+    g.add_argument("--online-temperature", type=float, default=0.0)
+    g.add_argument("--online-system-words", type=int, default=400, help="shared system prompt, random words")
+    g.add_argument("--online-text-words", type=int, default=600, help="random words per text request")
+    g.add_argument("--online-image-size", default="1280x720")
+    g.add_argument("--online-pdf-pages", type=int, default=3)
+    g.add_argument("--online-pdf-page-size", default="612x792", help="page size in points")
+    g.add_argument("--online-video-frames", type=int, default=32)
+    g.add_argument("--online-video-size", default="640x360")
+    g.add_argument("--online-video-fps", type=float, default=2.0)
+    g.add_argument("--online-server-args", default="", help="extra glimpse serve flags, one string")
+    g.add_argument("--online-startup-timeout", type=float, default=900.0)
+    g.add_argument("--online-request-timeout", type=float, default=600.0)
 
 
 def _environment(device: torch.device) -> dict:
@@ -53,16 +111,21 @@ def _environment(device: torch.device) -> dict:
     return env
 
 
-def _load(args, device: torch.device, dtype: torch.dtype):
-    from glimpse.bench.random_model import random_model
+VL_SCENARIOS = ("vision", "video-ttft")
+NO_MODEL_SCENARIOS = ("video-decode", "online")
+
+
+def _load(args, device: torch.device, dtype: torch.dtype, vl: bool = False):
+    from glimpse.bench.random_model import bench_tokenizer, is_vl_preset, random_model
 
     if args.random_weights:
-        return random_model(args.random_weights, device, dtype), None
+        tokenizer = bench_tokenizer() if is_vl_preset(args.random_weights) else None
+        return random_model(args.random_weights, device, dtype), tokenizer
     from glimpse.loader import resolve_model_path
     from glimpse.model.loading import load_model
     from glimpse.processing.tokenizer import load_tokenizer
 
-    path = resolve_model_path(args.model or "tiny")
+    path = resolve_model_path(args.model or ("tiny-vl" if vl else "tiny"))
     return load_model(path, device, dtype), load_tokenizer(path)
 
 
@@ -78,11 +141,29 @@ def _row(r: dict) -> str:
     if s == "ssm_state_drift":
         return (f"bf16 SSM state over {r['steps']} steps: max relative logit drift "
                 f"{r['max_relative_logit_drift']:.2e}, argmax agreement {100 * r['argmax_agreement']:.1f}%")  # fmt: skip
+    if s == "vision":
+        return (f"vision  B={r['batch']:<4} {r['tile_size']}² {r['tiles_per_s']:9.1f} tiles/s (encode)  "
+                f"ViT {r['vit_tiles_per_s']:9.1f} tiles/s  ceiling {r['ceiling_tiles_per_s']:9.1f} tiles/s  "
+                f"{100 * r['fraction_of_ceiling']:5.1f}% of ceiling")  # fmt: skip
+    if s == "video_ttft":
+        return (f"video   T={r['frames']:<4} q={r['pruning_rate']:<5} TTFT {r['ttft_s'] * 1e3:9.1f} ms  "
+                f"video tokens kept {r['video_tokens_kept']}/{r['video_tokens']}  prompt {r['prompt_tokens']}  "
+                f"(processing {r['processing_s'] * 1e3:.1f} ms, encoder alone {r['encode_video_s'] * 1e3:.1f} ms)")  # fmt: skip
+    if s == "video_decode":
+        extra = (f" (extrapolated from {r['baseline_frames_decoded']} frames)" if r["baseline_extrapolated"]
+                 else "")  # fmt: skip
+        return (f"decode  {r['sampled_frames']} of {r['total_frames']} frames ({r['duration_s'] / 60:.0f} min "
+                f"{r['height']}p {r['codec']}): {r['glimpse_s'] * 1e3:9.1f} ms; every frame in order "
+                f"{r['baseline_s']:.1f} s{extra}; {r['speedup']:.1f}x")  # fmt: skip
+    if s == "online":
+        from glimpse.bench.serving_bench import _row_text
+
+        return _row_text(r)
     return json.dumps(r)
 
 
 def main(args: argparse.Namespace) -> int:
-    from glimpse.bench import floors, llm_bench
+    from glimpse.bench import floors, llm_bench, vision_bench
     from glimpse.engine.engine import EngineConfig
 
     probe = EngineConfig(model="-", device=args.device, dtype=args.dtype)
@@ -93,15 +174,18 @@ def main(args: argparse.Namespace) -> int:
     if "hf-reference" in scenarios:
         results["results"] += [_report(r) for r in run_hf_reference(args)]
         scenarios.remove("hf-reference")
+    out = results["results"]
+    for scenario in [s for s in scenarios if s in NO_MODEL_SCENARIOS]:  # no model in this process yet
+        out += run_no_model_scenario(args, scenario)
+    scenarios = [s for s in scenarios if s not in NO_MODEL_SCENARIOS]
     if scenarios:
-        model, tokenizer = _load(args, device, dtype)
+        model, tokenizer = _load(args, device, dtype, vl=any(s in VL_SCENARIOS for s in scenarios))
         ctx = llm_bench.BenchContext(model, tokenizer, device, dtype, floors.measure_bandwidth(device),
                                      floors.measure_matmul_rate(device))  # fmt: skip
         results["environment"] |= {"bandwidth_GBps": ctx.bandwidth / 1e9, "matmul_TFLOPs": ctx.matmul_rate / 1e12,
                                    "model": args.random_weights or args.model or "tiny",
                                    "weights": "random" if args.random_weights else "checkpoint"}  # fmt: skip
         ssm_dtypes = [d for d in args.ssm_dtypes.split(",") if d]
-        out = results["results"]
         for scenario in scenarios:
             if scenario == "decode1":
                 for d in ssm_dtypes:
@@ -121,6 +205,17 @@ def main(args: argparse.Namespace) -> int:
                 out.append(
                     _report(llm_bench.ssm_state_drift(ctx, min(args.prompt_len, 1024), args.drift_steps))
                 )
+            elif scenario == "vision":
+                out.append(
+                    _report(
+                        vision_bench.vision(ctx, args.vision_batch, args.vision_size, args.vision_repeats)
+                    )
+                )
+            elif scenario == "video-ttft":
+                rates = vision_bench.rates_from_text(args.pruning_rates)
+                rows = vision_bench.video_ttft(ctx, args.video_frames, args.video_size, rates,
+                                               chunk=args.prefill_chunk, repeats=args.video_repeats)  # fmt: skip
+                out += [_report(r) for r in rows]
             else:
                 raise ValueError(f"unknown scenario {scenario!r}")
     Path(args.json).write_text(json.dumps(results, indent=2))
@@ -135,6 +230,24 @@ def main(args: argparse.Namespace) -> int:
 def _report(r: dict) -> dict:
     print(_row(r), flush=True)
     return r
+
+
+def run_no_model_scenario(args: argparse.Namespace, scenario: str) -> list[dict]:
+    """video-decode and online: nothing loaded in this process (the server loads its own model)."""
+    if scenario == "video-decode":
+        import tempfile
+
+        from glimpse.bench import vision_bench
+
+        work = Path(args.decode_dir) if args.decode_dir else Path(tempfile.gettempdir()) / "glimpse-bench"
+        row = vision_bench.video_decode(
+            vision_bench.spec_from_args(args), work, args.decode_frames, args.decode_sample_fps,
+            args.video_size, args.decode_repeats, args.decode_baseline_seconds,
+        )  # fmt: skip
+        return [_report(row)]
+    from glimpse.bench import serving_bench
+
+    return serving_bench.online(serving_bench.config_from_args(args))  # prints each row as it comes
 
 
 def run_hf_reference(args: argparse.Namespace) -> list[dict]:
