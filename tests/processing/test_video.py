@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import threading
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 from PIL import Image
 
 from glimpse.errors import InvalidRequestError, LimitExceededError, MediaError
+from glimpse.processing import video as video_module
 from glimpse.processing.video import (
     IMAGE_TOKEN,
     PromptPiece,
@@ -108,8 +110,70 @@ def write_video(
     return path
 
 
+def write_repeated_video(
+    path: Path, width: int, height: int, segment: int, repeats: int, rate: int, gop: int
+) -> Path:
+    """A long width x height video made fast: encode `segment` frames once, then remux them `repeats` times.
+
+    Frame n shows index n % segment (scaled up); below it a moving pattern with a little noise, so that
+    decoding costs about what it costs on real footage.
+    """
+    rng = np.random.default_rng(0)
+    rows = np.arange(height) * HEIGHT // height
+    cols = np.arange(width) * WIDTH // width
+    top = height // 3
+    y, x = np.mgrid[top:height, 0:width]
+    options = {"g": str(gop), "sc_threshold": "1000000000", "bf": "2"}
+    if H264 == "libx264":
+        options["preset"] = "veryfast"
+    packets = []
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(H264, rate=rate, options=options)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in [*range(segment), None]:
+            frame = None
+            if i is not None:
+                image = index_image(i)[rows][:, cols]
+                wave = 128 + 60 * np.sin((x + 4 * i) / 23) * np.cos((y - 3 * i) / 17)
+                wave += rng.integers(-8, 9, wave.shape)
+                image[top:] = np.clip(wave, 0, 255).astype(np.uint8)[:, :, None]
+                frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            packets += [(p.pts, p.dts, p.is_keyframe, bytes(p), p.time_base) for p in stream.encode(frame)]
+        step = round(Fraction(segment, rate) / packets[0][4])
+        for r in range(repeats):
+            for pts, dts, key, data, time_base in packets:
+                packet = av.Packet(data)
+                packet.pts, packet.dts, packet.time_base = pts + r * step, dts + r * step, time_base
+                packet.is_keyframe, packet.stream = key, stream
+                container.mux(packet)
+    return path
+
+
 def decoded_indices(clip) -> list[int]:
     return [read_index(frame) for frame in clip.frames]
+
+
+def decode_groups(caplog) -> int:
+    """How many threads the last decode_video used (from its debug record)."""
+    groups = [r.decode_groups for r in caplog.records if hasattr(r, "decode_groups")]
+    assert groups, "decode_video logged nothing"
+    return groups[-1]
+
+
+def assert_same_clip(clip, reference) -> None:
+    assert clip.frame_indices == reference.frame_indices
+    assert decoded_indices(clip) == decoded_indices(reference)
+    assert len(clip.frames) == len(reference.frames)
+    for a, b in zip(clip.frames, reference.frames):
+        assert a.dtype == np.uint8
+        np.testing.assert_array_equal(a, b)
+    assert clip.timestamps == reference.timestamps
+    assert clip.separators == reference.separators
+    assert (clip.original_fps, clip.total_frames) == (reference.original_fps, reference.total_frames)
+
+
+def video_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("glimpse-video")]
 
 
 def find_golden() -> Path | None:
@@ -157,6 +221,12 @@ def offset_mkv(videos) -> Path:
 def offset_ts(videos) -> Path:
     """MPEG-TS: no frame count, no index, seeks by dts; starts at 10 s."""
     return write_video(videos / "offset.ts", 300, 30, 30, codec=H264, b_frames=2, start_seconds=10.0)
+
+
+@pytest.fixture
+def always_parallel(monkeypatch):
+    """Threads even for the tiny test clips, which are otherwise decoded as one sequence."""
+    monkeypatch.setattr(video_module, "_PARALLEL_MIN_PIXELS", 0)
 
 
 @pytest.fixture(scope="session")
@@ -296,6 +366,166 @@ def test_long_video_seeks_instead_of_decoding_everything(long_mp4, caplog):
     assert elapsed < 20, f"sampling a 2-hour video took {elapsed:.1f} s"
     decoded = [r.decoded_frames for r in caplog.records if hasattr(r, "decoded_frames")]
     assert decoded and decoded[-1] < 14400 // 4, f"decoded {decoded} frames of 14400"
+
+
+# --------------------------------------------------------------------------------------------- threads
+
+
+PARALLEL_CASES = [
+    ("short_mp4", 2),  # samples 17 frames apart, a keyframe every 12
+    ("ntsc_mp4", 2),  # B-frames: the index holds dts
+    ("ntsc_mp4", 0.4),
+    ("offset_mkv", 2),  # no frame count, a start at 10 s, an index that doesn't reach
+    ("offset_mkv", 0.4),
+    ("offset_ts", 2),  # no index: seeks by dts and backs off
+    ("offset_ts", 0.4),
+    ("long_mp4", 2),  # 128 samples, 112 frames apart
+    ("long_mp4", 0.01),  # 72 samples; every frame sampled is a keyframe
+]
+
+
+@pytest.mark.parametrize(("name", "fps"), PARALLEL_CASES)
+def test_parallel_decoding_matches_sequential(name, fps, request, always_parallel, caplog):
+    caplog.set_level(logging.DEBUG, logger="glimpse.processing.video")
+    path = request.getfixturevalue(name)
+    sequential = decode_video(path, fps=fps, workers=1)
+    assert decode_groups(caplog) == 1
+    assert decoded_indices(sequential) == sequential.frame_indices
+    for workers in (2, 4):
+        clip = decode_video(path, fps=fps, workers=workers)
+        assert 1 < decode_groups(caplog) <= workers
+        assert_same_clip(clip, sequential)
+    assert not video_threads()
+
+
+@pytest.mark.parametrize(
+    ("name", "fps"), [("short_mp4", 2), ("ntsc_mp4", 100), ("offset_mkv", 2), ("long_mp4", 2)]
+)
+def test_parallel_groups_decode_no_frame_twice(name, fps, request, always_parallel, monkeypatch):
+    """Groups start at a keyframe after the previous group's last sample (B-frames: the index holds dts)."""
+    decoded: dict[str, list[int]] = {}
+    real_next = video_module._FrameReader._next
+
+    def next_frame(self):
+        frame = real_next(self)
+        if frame is not None and threading.current_thread() is not threading.main_thread():
+            decoded.setdefault(threading.current_thread().name, []).append(frame.pts)
+        return frame
+
+    monkeypatch.setattr(video_module._FrameReader, "_next", next_frame)
+    decode_video(request.getfixturevalue(name), fps=fps, workers=4)
+    assert len(decoded) > 1
+    seen: set[int] = set()
+    for pts in decoded.values():
+        assert not seen & set(pts)
+        seen |= set(pts)
+
+
+def test_parallel_decoding_from_bytes_squashed(ntsc_mp4, long_mp4, always_parallel, caplog):
+    caplog.set_level(logging.DEBUG, logger="glimpse.processing.video")
+    for path in (ntsc_mp4, long_mp4):
+        reference = decode_video(path, workers=1, size=32)
+        data = path.read_bytes()
+        for source in (data, bytearray(data), memoryview(data)):
+            clip = decode_video(source, workers=3, size=32)
+            assert decode_groups(caplog) > 1
+            assert all(f.shape == (32, 32, 3) for f in clip.frames)
+            assert_same_clip(clip, reference)
+
+
+def test_parallel_variable_frame_rate(videos, always_parallel, caplog):
+    caplog.set_level(logging.DEBUG, logger="glimpse.processing.video")
+    pts_ms = [i * 33 for i in range(90)] + [2970 + i * 66 for i in range(90)]
+    path = write_video(videos / "vfr_parallel.mkv", 180, 30, 15, pts_ms=pts_ms)
+    for fps in (0.5, 4):
+        reference = decode_video(path, fps=fps, workers=1)
+        clip = decode_video(path, fps=fps, workers=3)
+        assert decode_groups(caplog) > 1
+        assert_same_clip(clip, reference)
+
+
+def test_long_video_uses_threads_by_default(long_mp4, caplog):
+    """The 2-hour clip is long enough to split without help, whenever there is more than one core."""
+    caplog.set_level(logging.DEBUG, logger="glimpse.processing.video")
+    decode_video(long_mp4, workers=4)
+    assert decode_groups(caplog) == 4
+    assert video_module.default_workers() == min(8, video_module._cpu_count())
+    with pytest.raises(ValueError):
+        decode_video(long_mp4, workers=0)
+
+
+def test_worker_open_error_reaches_the_caller(long_mp4, monkeypatch):
+    real_open = video_module._open
+
+    def open_on_main_thread_only(source):
+        if threading.current_thread() is not threading.main_thread():
+            raise MediaError("the video file went away")
+        return real_open(source)
+
+    monkeypatch.setattr(video_module, "_open", open_on_main_thread_only)
+    with pytest.raises(MediaError, match="went away") as err:
+        decode_video(long_mp4, workers=4)
+    assert err.value.status == 400
+    assert not video_threads()
+
+
+def test_worker_decode_error_cancels_the_other_groups(long_mp4, monkeypatch):
+    """Groups in the second hour fail at once; those in the first hour (slowed down) stop early."""
+    real_to_array = video_module._to_array
+    converted: list[float] = []
+
+    def to_array(frame, size):
+        if threading.current_thread() is not threading.main_thread():
+            if frame.time >= 3600:
+                raise av.error.InvalidDataError(0, "Invalid data found when processing input")
+            time.sleep(0.05)
+            converted.append(frame.time)
+        return real_to_array(frame, size)
+
+    monkeypatch.setattr(video_module, "_to_array", to_array)
+    with pytest.raises(MediaError, match="can't be decoded") as err:
+        decode_video(long_mp4, workers=4)
+    assert err.value.status == 400
+    assert isinstance(err.value.__cause__, av.error.InvalidDataError)
+    assert len(converted) < 32, f"{len(converted)} of 63 first-hour frames converted after the failure"
+    assert not video_threads()
+
+
+def test_limits_are_checked_before_any_thread_starts(long_mp4, monkeypatch, always_parallel):
+    opened = []
+    real_open = video_module._open
+    monkeypatch.setattr(video_module, "_open", lambda source: opened.append(1) or real_open(source))
+    with pytest.raises(LimitExceededError, match="7200.0 s long"):
+        decode_video(long_mp4, workers=4, max_seconds=3600)
+    with pytest.raises(LimitExceededError, match="128 frames"):
+        decode_video(long_mp4, workers=4, max_frames=100)
+    assert len(opened) == 2  # one container per call: no thread opened its own
+
+
+def test_parallel_decoding_timing(videos, caplog):
+    """Times sequential against threaded decoding of a 4-minute 640x360 H.264 file (printed, not asserted)."""
+    caplog.set_level(logging.DEBUG, logger="glimpse.processing.video")
+    started = time.perf_counter()
+    path = write_repeated_video(videos / "wide.mp4", 640, 360, segment=120, repeats=60, rate=30, gop=30)
+    written = time.perf_counter() - started
+    times, clips, groups = {}, {}, {}
+    for workers in (1, 2, 4):
+        started = time.perf_counter()
+        clips[workers] = decode_video(path, workers=workers, size=512)
+        times[workers] = time.perf_counter() - started
+        groups[workers] = decode_groups(caplog)
+    reference = clips[1]
+    assert len(reference.frame_indices) == 128
+    assert decoded_indices(reference) == [i % 120 for i in reference.frame_indices]
+    for workers in (2, 4):
+        assert groups[workers] == workers
+        assert_same_clip(clips[workers], reference)
+    print(
+        f"\n640x360 H.264, 7200 frames, keyframe every 30, 128 samples at 512x512 "
+        f"({video_module._cpu_count()} cores; written in {written:.1f} s): "
+        + ", ".join(f"workers={w}: {t:.2f} s" for w, t in times.items())
+        + f"; speed-up x{times[1] / min(times[2], times[4]):.2f}"
+    )
 
 
 # --------------------------------------------------------------------------------------------- bad input

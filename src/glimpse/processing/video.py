@@ -2,7 +2,8 @@
 
 The sampling rule and the prompt text follow the reference processor exactly (MODEL_SPEC.md §5, API.md):
 the model was trained on them. Decoding seeks to each sampled frame, so a two-hour file costs about as
-much as a short one.
+much as a short one; a long clip's samples are split into groups that threads decode at once, each on
+its own container.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import logging
 import math
 import numbers
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -245,7 +248,7 @@ class _KeyframeGuide:
     def learn(self, keyframe_pts: int, target_pts: float) -> None:
         self._gap = max(self._gap, target_pts - keyframe_pts)
 
-    def _indexed_keyframe(self, target: int) -> int | None:
+    def indexed_keyframe(self, target: int) -> int | None:
         """Timestamp of the last keyframe at or before target, when the index reaches that far."""
         index = self._index
         if index is None or len(index) == 0 or index[-1].timestamp < target:
@@ -253,27 +256,50 @@ class _KeyframeGuide:
         i = index.search_timestamp(target, backward=True)
         return index[i].timestamp if i >= 0 else None
 
+    def index_lag(self, start_pts: int) -> int:
+        """How far the index's times lie below the frames' pts (an estimate, from the first keyframe).
+
+        MP4 indexes decode times, which B-frames put before presentation times (two frames, often);
+        Matroska indexes presentation times.
+        """
+        index = self._index
+        if index is None or len(index) == 0:
+            return 0
+        return max(0, start_pts - index[0].timestamp)
+
     def should_seek(self, current_pts: int, target_pts: float) -> bool:
-        keyframe = self._indexed_keyframe(int(target_pts))
+        keyframe = self.indexed_keyframe(int(target_pts))
         if keyframe is not None:
             return keyframe - current_pts > self._min_skip
         return target_pts - current_pts > max(self._gap, self._min_skip)
+
+
+class _Cancelled(Exception):
+    """Stops a decoding thread whose frames are no longer wanted (another group failed)."""
 
 
 class _FrameReader:
     """Decodes the frames showing at given presentation times, seeking when that beats decoding on.
 
     A target is met by the first frame whose pts reaches it, within half a nominal frame (pts are
-    rounded to the time base, and variable frame rate streams only come close).
+    rounded to the time base, and variable frame rate streams only come close). With `cancel`, every
+    frame first checks it and raises _Cancelled once it is set.
     """
 
-    def __init__(self, container: InputContainer, stream: VideoStream, fps: float) -> None:
+    def __init__(
+        self,
+        container: InputContainer,
+        stream: VideoStream,
+        fps: float,
+        cancel: threading.Event | None = None,
+    ) -> None:
         self._container = container
         self._stream = stream
+        self._cancel = cancel
         self.ticks_per_frame = 1 / (fps * stream.time_base)
         self._ticks_per_second = 1 / stream.time_base
         self._tolerance = self.ticks_per_frame / 2
-        self._guide = _KeyframeGuide(stream, self.ticks_per_frame)
+        self.guide = _KeyframeGuide(stream, self.ticks_per_frame)
         self._frames: Iterator[VideoFrame] = container.decode(stream)
         self._current: VideoFrame | None = None
         self._keyframe_pts = 0
@@ -283,6 +309,8 @@ class _FrameReader:
         self.seeks = 0
 
     def _next(self) -> VideoFrame | None:
+        if self._cancel is not None and self._cancel.is_set():
+            raise _Cancelled
         frame = next(self._frames, None)
         if frame is not None:
             self.decoded += 1
@@ -302,6 +330,15 @@ class _FrameReader:
         self._keyframe_pts = frame.pts
         self._lowest = min(0, frame.pts) - 1  # below every timestamp, B-frame dts included
         return frame
+
+    def follow(self, probe: _FrameReader) -> None:
+        """Take the stream's start from `probe`, a reader of the same file that has read its first frame.
+
+        This reader's container must be fresh (nothing read): its first target seeks.
+        """
+        self.start_pts = probe.start_pts
+        self._keyframe_pts = probe.start_pts
+        self._lowest = probe._lowest
 
     def _seek(self, target: float) -> None:
         """Seek to the keyframe before target, backing off when the demuxer lands after it.
@@ -340,12 +377,12 @@ class _FrameReader:
         current = self._current
         if current is not None and current.pts >= target - self._tolerance:
             return current  # a variable frame rate can map two targets to one frame
-        if current is None or self._guide.should_seek(current.pts, target):
+        if current is None or self.guide.should_seek(current.pts, target):
             self._seek(target)
         frame = self._current
         while frame is not None and frame.pts < target - self._tolerance:
             frame = self._next()
-        self._guide.learn(self._keyframe_pts, target)
+        self.guide.learn(self._keyframe_pts, target)
         if self._current is None:
             raise MediaError("the video stream has no decodable frames")
         return self._current if frame is None else frame
@@ -377,10 +414,151 @@ def _to_array(frame: VideoFrame, size: int | None) -> np.ndarray:
     return frame.reformat(width=size, height=size, format="rgb24", interpolation="BICUBIC").to_ndarray()
 
 
+# Decoding in threads only when the samples need at least this much work (pixels of the frames they
+# need decoded, a seek counted as _SEEK_FRAMES frames): two frames of 1080p, 18 of 640x360. Below it
+# the time is mostly opening containers and starting threads; on two cores threads already tie with
+# one thread at a tenth of this and win from a quarter of it (64x48 clips), so this is conservative.
+_PARALLEL_MIN_PIXELS = 1 << 22
+# What a seek costs, in frames decoded (it also flushes the decoder's threads); see _KeyframeGuide.
+_SEEK_FRAMES = _KeyframeGuide._MIN_SKIP
+
+
+def _cpu_count() -> int:
+    """Cores this process may run on (the affinity mask, where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """Decoding threads for one video when the caller names none: one per core, at most 8."""
+    return min(8, _cpu_count())
+
+
+def _plan_groups(targets: Sequence[float], probe: _FrameReader, workers: int) -> tuple[list[range], float]:
+    """Split the samples into at most `workers` contiguous groups, balanced by the frames each decodes.
+
+    A group may start only at a sample whose keyframe (from the index) comes after the sample before it,
+    so no two groups decode the same frames. Where the index doesn't reach (MPEG-TS, Matroska with few
+    cues), a group may start where two samples are more than `_MIN_SKIP` frames apart, where the reader
+    would seek too; that costs at most one GOP decoded twice per group. Returns the groups (positions
+    in `targets`) and an estimate of the frames they decode in all.
+    """
+    count = len(targets)
+    ticks_per_frame = probe.ticks_per_frame
+    min_skip = _KeyframeGuide._MIN_SKIP * ticks_per_frame
+    lag = probe.guide.index_lag(probe.start_pts)
+
+    def keyframe(k: int) -> float | None:
+        """The pts of the keyframe a seek to sample k lands on, when the index tells."""
+        key = probe.guide.indexed_keyframe(int(targets[k] - lag))
+        return None if key is None else key + lag
+
+    starts = [0]  # runs: samples decoded with no seek between them; a run starts with a seek
+    for k in range(1, count):
+        key = keyframe(k)
+        apart = key > targets[k - 1] if key is not None else targets[k] - targets[k - 1] > min_skip
+        if apart:
+            starts.append(k)
+    ends = [*starts[1:], count]
+    costs = []
+    for first, end in zip(starts, ends):
+        key = keyframe(first)
+        origin = key if key is not None else targets[first] - min_skip
+        costs.append(max(0.0, targets[end - 1] - origin) / ticks_per_frame + 1 + _SEEK_FRAMES)
+    total = sum(costs)
+    groups = min(workers, len(starts))
+    cuts = [0]  # runs that start a group
+    if groups > 1:
+        prefix = np.cumsum(costs)  # prefix[r]: cost of runs 0..r
+        for g in range(1, groups):
+            goal = total * g / groups
+            r = int(np.searchsorted(prefix, goal))  # first run whose prefix reaches the goal
+            # a group starting at run r has prefix[r - 1] before it; one starting at r + 1, prefix[r]
+            before = prefix[r - 1] if r > 0 else 0.0
+            cut = r + 1 if r + 1 < len(starts) and prefix[r] - goal < goal - before else r
+            cut = max(cut, cuts[-1] + 1)
+            if cut >= len(starts):
+                break
+            cuts.append(cut)
+    bounds = [starts[c] for c in cuts] + [count]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])], total
+
+
+def _decode_groups(
+    source: VideoSource,
+    probe: _FrameReader,
+    fps: float,
+    targets: Sequence[float],
+    groups: Sequence[range],
+    done: dict[int, np.ndarray],
+    size: int | None,
+) -> tuple[list[np.ndarray], int, int]:
+    """Decode each group in its own thread on its own container; frames come back in sample order.
+
+    PyAV lets go of the GIL while FFmpeg reads, decodes and scales, so the groups run at once; each
+    container is opened, used and closed by one thread. FFmpeg's own threads per container are cut so
+    that all of them together stay near the core count. `done` holds samples already decoded (by
+    position). When a group fails the others stop at their next frame, and the first error (in sample
+    order) is raised here, in the calling thread, once every thread has finished.
+    Returns (frames, frames decoded, seeks).
+    """
+    arrays: list[np.ndarray | None] = [done.get(k) for k in range(len(targets))]
+    threads = max(1, _cpu_count() // len(groups))
+    cancel = threading.Event()
+
+    def decode(group: range) -> tuple[int, int]:
+        if all(arrays[k] is not None for k in group):
+            return 0, 0
+        container = None
+        try:
+            if cancel.is_set():
+                raise _Cancelled
+            container = _open(source)
+            stream = _video_stream(container)
+            stream.thread_count = threads
+            reader = _FrameReader(container, stream, fps, cancel)
+            reader.follow(probe)
+            for k in group:
+                if arrays[k] is None:
+                    arrays[k] = _to_array(reader.frame_at(targets[k]), size)
+            return reader.decoded, reader.seeks
+        except BaseException:
+            cancel.set()
+            raise
+        finally:
+            if container is not None:
+                container.close()
+
+    with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="glimpse-video") as pool:
+        futures = [pool.submit(decode, group) for group in groups]
+        try:
+            wait(futures, return_when=FIRST_EXCEPTION)
+        finally:
+            cancel.set()  # when a group failed or this thread was interrupted; a no-op once all are done
+    errors = [e for e in (f.exception() for f in futures) if e is not None]
+    if errors:
+        raise next((e for e in errors if not isinstance(e, _Cancelled)), errors[0])
+    counts = [f.result() for f in futures]
+    assert all(a is not None for a in arrays)
+    return arrays, sum(c[0] for c in counts), sum(c[1] for c in counts)  # type: ignore[return-value]
+
+
 def _decode_clip(
-    container: InputContainer, fps: float, num_frames: int, limits: tuple[float, int], size: int | None
+    source: VideoSource,
+    container: InputContainer,
+    fps: float,
+    num_frames: int,
+    limits: tuple[float, int],
+    size: int | None,
+    workers: int,
 ) -> VideoClip:
-    """Probe, sample and decode; the first frame is decoded first because its pts anchors the rest."""
+    """Probe, sample and decode; the first frame is decoded first because its pts anchors the rest.
+
+    Samples far enough apart are decoded by up to `workers` threads (see _plan_groups); a short clip, or
+    one whose samples all lie close together, is decoded here as one sequence.
+    """
     started = time.perf_counter()
     stream = _video_stream(container)
     original_fps = _stream_fps(stream)
@@ -392,17 +570,33 @@ def _decode_clip(
     total = _total_frames(container, stream, reader)
     indices, timestamps, separators = sample_frames(total, original_fps, fps, num_frames)
     _check_limits(total / original_fps, len(indices), max_seconds, max_frames)
-    arrays = []
-    for index in indices:
-        frame = first if index == 0 else reader.frame_at(reader.start_pts + index * reader.ticks_per_frame)
-        arrays.append(_to_array(frame, size))
+    targets = [reader.start_pts + index * reader.ticks_per_frame for index in indices]
+    groups = [range(len(indices))]
+    reopenable = isinstance(source, bytes) or os.path.isfile(source)  # not a pipe or device
+    if workers > 1 and len(indices) > 1 and reopenable:
+        planned, work = _plan_groups(targets, reader, workers)
+        if len(planned) > 1 and len(planned[0]) == 1 and indices[0] == 0:  # decoded already: no thread
+            planned = [range(0, planned[1].stop), *planned[2:]]
+        if len(planned) > 1 and work * first.width * first.height >= _PARALLEL_MIN_PIXELS:
+            groups = planned
+    if len(groups) > 1:
+        done = {k: _to_array(first, size) for k, index in enumerate(indices) if index == 0}
+        arrays, decoded, seeks = _decode_groups(source, reader, original_fps, targets, groups, done, size)
+        decoded, seeks = decoded + reader.decoded, seeks + reader.seeks
+    else:
+        arrays = []
+        for index, target in zip(indices, targets):
+            frame = first if index == 0 else reader.frame_at(target)
+            arrays.append(_to_array(frame, size))
+        decoded, seeks = reader.decoded, reader.seeks
     logger.debug(
-        "video: %d samples, %d frames decoded, %d seeks, %.3f s",
+        "video: %d samples, %d frames decoded, %d seeks, %d threads, %.3f s",
         len(indices),
-        reader.decoded,
-        reader.seeks,
+        decoded,
+        seeks,
+        len(groups),
         time.perf_counter() - started,
-        extra={"decoded_frames": reader.decoded, "seeks": reader.seeks},
+        extra={"decoded_frames": decoded, "seeks": seeks, "decode_groups": len(groups)},
     )
     return VideoClip(
         frames=arrays,
@@ -424,18 +618,27 @@ def decode_video(
     max_frames: int = 1024,
     max_seconds: float = 21600,
     size: int | None = None,
+    workers: int | None = None,
 ) -> VideoClip:
     """Decode the sampled frames of a video (bytes or a path), seeking to each rather than decoding all.
 
+    Up to `workers` threads (default: one per core, at most 8) decode groups of samples at once, each
+    on its own container; the frames are the same, in the same order, as with `workers=1`.
     Raises MediaError (400) for input that isn't a decodable video, LimitExceededError (413) when it
     is longer than `max_seconds` or sampling gives more than `max_frames` frames.
     """
     _check_sampling_args(fps, num_frames)
     if size is not None and size < 1:
         raise InvalidRequestError(f"frame size must be positive, got {size}", param="size")
+    if workers is None:
+        workers = default_workers()
+    if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    if isinstance(source, bytearray | memoryview):
+        source = bytes(source)  # one copy, that every thread's BytesIO then shares
     container = _open(source)
     try:
-        return _decode_clip(container, fps, num_frames, (max_seconds, max_frames), size)
+        return _decode_clip(source, container, fps, num_frames, (max_seconds, max_frames), size, workers)
     except av.error.FFmpegError as e:
         raise MediaError(f"the video can't be decoded ({_reason(e)})") from e
     finally:
