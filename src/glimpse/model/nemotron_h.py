@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from glimpse.config import NemotronHConfig
-from glimpse.kernels.norms import rms_norm
+from glimpse.kernels.norms import add_rms_norm, rms_norm
 from glimpse.model.attention import Attention
 from glimpse.model.batch import CacheTensors, ForwardBatch
 from glimpse.model.mamba2 import Mamba2Mixer
@@ -48,7 +48,23 @@ class Block(nn.Module):
             self.mixer = MLP(config)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: CacheTensors) -> torch.Tensor:
-        return x + self.mixer(self.norm(x), batch, cache)
+        """x + mixer(norm(x)); the model itself runs `forward_fused` to share the norm with the residual add."""
+        return self.forward_fused(x, self.norm(x), None, batch, cache)[0]
+
+    def forward_fused(
+        self,
+        x: torch.Tensor,
+        normed: torch.Tensor,  # self.norm(x), computed by the previous block (or the model for block 0)
+        next_norm: RMSNorm | None,
+        batch: ForwardBatch,
+        cache: CacheTensors,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward` with the residual add fused with the next block's norm (one kernel on CUDA):
+        returns (x + mixer(normed), next_norm(that)), or (x + mixer(normed), None) for the last block."""
+        out = self.mixer(normed, batch, cache)
+        if next_norm is None:
+            return x + out, None
+        return add_rms_norm(x, out, next_norm.weight, next_norm.eps)
 
 
 class Backbone(nn.Module):
@@ -96,8 +112,12 @@ class NemotronHForCausalLM(nn.Module):
         logits_indices: torch.Tensor | None = None,  # which tokens need logits; default each seq's last
     ) -> torch.Tensor:
         hidden = inputs_embeds if inputs_embeds is not None else self.embed(input_ids)
-        for layer in self.backbone.layers:
-            hidden = layer(hidden, batch, cache)
+        # hidden = layer(hidden) for each layer, each block's residual add fused with the next one's norm
+        layers = self.backbone.layers
+        normed = layers[0].norm(hidden) if len(layers) else None
+        for i, layer in enumerate(layers):
+            next_norm = layers[i + 1].norm if i + 1 < len(layers) else None
+            hidden, normed = layer.forward_fused(hidden, normed, next_norm, batch, cache)
         if logits_indices is None:
             logits_indices = batch.last_token_indices()
         hidden = self.backbone.norm_f(hidden[logits_indices])
