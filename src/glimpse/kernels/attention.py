@@ -37,7 +37,7 @@ def paged_attention(
 ) -> torch.Tensor:
     """Each new token attends to its sequence's cached tokens and the new ones up to itself."""
     if all(n == 1 for n in query_lens):
-        if seq_lens is not None and triton_attention.available(query):
+        if seq_lens is not None and triton_attention.available(query, key_cache.shape[1]):
             return triton_attention.paged_decode_attention(
                 query, key_cache, value_cache, block_tables, seq_lens, scale
             )

@@ -95,6 +95,9 @@ class _Plan:
             "tok_q": tok_q,
             "slots": torch.tensor(slots, dtype=torch.int64),
             "has_init": torch.tensor(has_initial_state, dtype=torch.int64),
+            "tok0": tok0,  # the Triton kernels read tokens in place: chunk c = tokens tok0 .. tok0 + clen - 1
+            "clen": clen,
+            "nch": nch,
         }
         flat = torch.cat([p.reshape(-1) for p in parts.values()])
         if device.type == "cuda":
@@ -106,6 +109,7 @@ class _Plan:
             setattr(self, name, v.view(p.shape))
         self.valid = self.valid.bool()
         self.is_first = self.is_first.bool()
+        self.has_init_i64 = self.has_init
         self.has_init = self.has_init.bool()
         self.h_ar = torch.arange(H, device=device)[None, :, None]
         self.g_ar = torch.arange(G, device=device)[None, :, None]
@@ -146,6 +150,8 @@ def ssd_chunk_scan_varlen_vectorized(
     group_bytes: int = _DEFAULT_GROUP_BYTES,
     chunk_group: int | None = None,
     compile_intra: bool = False,
+    use_triton: bool | None = None,
+    precision: str | None = None,
 ) -> torch.Tensor:
     """Packed prompt chunks of several sequences, each continuing from its cached state (or zeros).
 
@@ -153,6 +159,12 @@ def ssd_chunk_scan_varlen_vectorized(
     exercise the carry between groups. `compile_intra` (experimental, off by default) runs the intra-chunk
     product through torch.compile, which fuses its elementwise passes over the [chunks, H, Q, Q] tensor. Slots must be distinct (the reference would chain sequences that
     share one; a serving batch never does).
+
+    `use_triton` (default: `triton_ssd.available(x)`, i.e. CUDA tensors with Triton installed and
+    GLIMPSE_TRITON not 0) runs the heavy steps as the Triton kernels of `glimpse.kernels.triton_ssd` on the
+    same chunk layout (`precision`: see that module; default its PRECISION); the PyTorch code below is the
+    fallback. With Triton, `group_bytes` bounds the [chunks, H, P, N] fp32 state buffer instead (its default
+    is then triton_ssd.DEFAULT_GROUP_BYTES).
     """
     T, H, P = x.shape
     G, N = B.shape[1], B.shape[2]
@@ -177,6 +189,17 @@ def ssd_chunk_scan_varlen_vectorized(
         return out
 
     plan = _plan(cu_seqlens, slots, has_initial_state, Q, T, H, G, dev)
+    from glimpse.kernels import triton_ssd
+
+    if use_triton is None:
+        use_triton = triton_ssd.available(x)
+    if use_triton:
+        tb = triton_ssd.DEFAULT_GROUP_BYTES if group_bytes == _DEFAULT_GROUP_BYTES else group_bytes
+        return triton_ssd.ssd_chunk_scan_varlen_triton(
+            x, dt, A, B, C, D, ssm_state, plan.tok0, plan.clen, plan.cstart, plan.nch, plan.slots,
+            plan.has_init_i64, plan.first_chunk, plan.last_chunk, Q, out,
+            precision=precision, group_bytes=tb, chunk_group=chunk_group,
+        )  # fmt: skip
     slots_t, init_t, h_ar, g_ar, upper = plan.slots, plan.has_init, plan.h_ar, plan.g_ar, plan.upper
     A32 = A.float()
     D32 = D.float()
@@ -322,13 +345,22 @@ def bench_ssd(
     check_up_to: int = 8192,
     state_dtype: torch.dtype = torch.float32,
     compile_intra: bool = False,
+    use_triton: bool | None = None,
+    precision: str | None = None,
+    compare: bool = True,
 ) -> list[dict]:
     """Median time of one layer's scan (bf16 inputs, per-sequence initial states, fp32 state pool).
 
     6,192 tokens are packed as the four prompts of notes/kernels.md (1500, 700, 3000, 992), every other
     count as one prompt. Up to `check_up_to` tokens the result is also compared with the reference run on
     CPU copies (max abs error of y over max |y|, and the same for the final states).
+
+    The row's figures are for the default path (`use_triton`, `precision`: as the scan's defaults, i.e.
+    the Triton kernels on CUDA when available). With `compare` and Triton in use, `row["variants"]` also
+    times the Triton kernels at precision "bf16" and "exact", with the chunk states fused with the state
+    passing or not (triton_ssd.FUSED_STATES), and the PyTorch path, each with its errors.
     """
+    from glimpse.kernels import triton_ssd
     from glimpse.kernels.ssd import ssd_chunk_scan_varlen as reference
 
     results = []
@@ -351,54 +383,77 @@ def bench_ssd(
         init = [True] * nseq
         args = [t.to(dev) for t in (x, dt, A, B, C, D)]
         pool = pool0.to(dev, copy=True)  # pool0 stays the pristine initial states
+        main_triton = triton_ssd.available(args[0]) if use_triton is None else use_triton
+        main_prec = (precision or triton_ssd.PRECISION) if main_triton else None
+        fused0 = triton_ssd.FUSED_STATES
+        variants = [(main_triton, main_prec, fused0)]
+        if compare and main_triton:
+            variants += [(True, p, fused0) for p in ("bf16", "exact") if p != main_prec]
+            variants += [(True, main_prec, not fused0), (False, None, fused0)]
 
-        def run(pool=pool, args=args, cu=cu, slots=slots, init=init):
-            return ssd_chunk_scan_varlen_vectorized(
-                *args, pool, cu, slots, init, chunk, compile_intra=compile_intra
-            )
+        def run(use, prec, fused, pool=pool, args=args, cu=cu, slots=slots, init=init, fused0=fused0):
+            triton_ssd.FUSED_STATES = fused
+            try:
+                return ssd_chunk_scan_varlen_vectorized(
+                    *args, pool, cu, slots, init, chunk,
+                    compile_intra=compile_intra, use_triton=use, precision=prec,
+                )  # fmt: skip
+            finally:
+                triton_ssd.FUSED_STATES = fused0
 
-        for _ in range(3):
-            pool.copy_(pool0)
-            y = run()
-        times = []
-        for _ in range(iters):
-            pool.copy_(pool0)
+        y_ref = ref_pool = None
+        row: dict = {}
+        for use, prec, fused in variants:
+            for _ in range(3):
+                pool.copy_(pool0)
+                y = run(use, prec, fused)
+            times = []
+            for _ in range(iters):
+                pool.copy_(pool0)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    y = run(use, prec, fused)
+                    end.record()
+                    torch.cuda.synchronize(dev)
+                    times.append(start.elapsed_time(end))
+                else:
+                    t = time.perf_counter()
+                    y = run(use, prec, fused)
+                    times.append((time.perf_counter() - t) * 1e3)
+            vrow = {
+                "path": (f"triton/{prec}/" + ("fused" if fused else "separate")) if use else "torch",
+                "median_ms": statistics.median(times),
+                "min_ms": min(times),
+                "tokens_per_s": T / statistics.median(times) * 1e3,
+            }
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                y = run()
-                end.record()
+                torch.cuda.reset_peak_memory_stats(dev)
+                base = torch.cuda.memory_allocated(dev)
+                pool.copy_(pool0)
+                y = run(use, prec, fused)
                 torch.cuda.synchronize(dev)
-                times.append(start.elapsed_time(end))
-            else:
-                t = time.perf_counter()
-                y = run()
-                times.append((time.perf_counter() - t) * 1e3)
-        row = {
-            "tokens": T,
-            "seqlens": lens,
-            "chunks": sum(max(1, math.ceil(n / chunk)) for n in lens),
-            "median_ms": statistics.median(times),
-            "min_ms": min(times),
-            "tokens_per_s": T / statistics.median(times) * 1e3,
-            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            "compile_intra": compile_intra,
-        }
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-            base = torch.cuda.memory_allocated(dev)
-            pool.copy_(pool0)
-            y = run()
-            torch.cuda.synchronize(dev)
-            row["peak_extra_MiB"] = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
-        if T <= check_up_to:
-            ref_pool = pool0.clone()
-            y_ref = reference(x, dt, A, B, C, D, ref_pool, cu, slots, init, chunk).float()
-            row["y_rel_err"] = float((y.float().cpu() - y_ref).abs().max() / y_ref.abs().max())
-            got = pool.float().cpu()[1:]
-            want = ref_pool.float()[1:]
-            row["state_rel_err"] = float((got - want).abs().max() / want.abs().max())
+                vrow["peak_extra_MiB"] = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+            if T <= check_up_to:
+                if y_ref is None:
+                    ref_pool = pool0.clone()
+                    y_ref = reference(x, dt, A, B, C, D, ref_pool, cu, slots, init, chunk).float()
+                vrow["y_rel_err"] = float((y.float().cpu() - y_ref).abs().max() / y_ref.abs().max())
+                got = pool.float().cpu()[1:]
+                want = ref_pool.float()[1:]
+                vrow["state_rel_err"] = float((got - want).abs().max() / want.abs().max())
+            if not row:
+                row = {
+                    "tokens": T,
+                    "seqlens": lens,
+                    "chunks": sum(max(1, math.ceil(n / chunk)) for n in lens),
+                    "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                    "compile_intra": compile_intra,
+                    **vrow,
+                }
+            if len(variants) > 1:
+                row.setdefault("variants", []).append(vrow)
         results.append(row)
     return results

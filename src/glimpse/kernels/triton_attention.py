@@ -24,8 +24,11 @@ except ImportError:  # pragma: no cover - CPU installs have no Triton
 ENABLED = os.environ.get("GLIMPSE_TRITON", "1") != "0"
 
 
-def available(t: torch.Tensor) -> bool:
-    return ENABLED and HAS_TRITON and t.is_cuda
+def available(t: torch.Tensor, block_size: int = 16) -> bool:
+    """CUDA, Triton, and shapes the kernel takes: tensor-core dots need blocks and head dims of 16+, powers of 2."""
+    head_dim = t.shape[-1]
+    shapes_ok = all(n >= 16 and n & (n - 1) == 0 for n in (block_size, head_dim))
+    return ENABLED and HAS_TRITON and t.is_cuda and shapes_ok
 
 
 if HAS_TRITON:
