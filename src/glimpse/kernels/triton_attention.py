@@ -8,20 +8,9 @@ it walks the sequence's blocks with an online softmax. Set GLIMPSE_TRITON=0 to u
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - CPU installs have no Triton
-    triton = tl = None
-    HAS_TRITON = False
-
-ENABLED = os.environ.get("GLIMPSE_TRITON", "1") != "0"
+from glimpse.kernels._triton import ENABLED, HAS_TRITON, tl, triton  # noqa: F401
 
 
 def available(t: torch.Tensor, block_size: int = 16) -> bool:

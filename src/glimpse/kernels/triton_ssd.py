@@ -61,17 +61,8 @@ import os
 
 import torch
 
-try:  # Triton is optional: CPU installs and CI run the torch path only
-    import triton
-    import triton.language as tl
+from glimpse.kernels._triton import ENABLED, HAS_TRITON, tl, triton  # noqa: F401
 
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
-    HAS_TRITON = False
-
-ENABLED = os.environ.get("GLIMPSE_TRITON", "1") != "0"
 PRECISION = os.environ.get("GLIMPSE_SSD_PRECISION", "exact")
 _SPLITS = {"exact": 3, "bf16x3": 3, "bf16x2": 2, "bf16": 1}
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

@@ -21,22 +21,10 @@ installed. Set GLIMPSE_TRITON=0 to keep the torch reference path on CUDA tensors
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-try:  # Triton is optional: CPU installs and CI run the torch reference only
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
-    HAS_TRITON = False
-
-# Set to False (or GLIMPSE_TRITON=0 in the environment) to send CUDA tensors through the torch reference.
-ENABLED = os.environ.get("GLIMPSE_TRITON", "1") != "0"
+from glimpse.kernels._triton import ENABLED, HAS_TRITON, tl, triton  # noqa: F401
 
 
 def available(t: torch.Tensor) -> bool:
