@@ -215,3 +215,40 @@ def test_bad_media_gives_clear_errors(llm, tmp_path):
         llm.chat(user({"type": "file", "file": {"file_data": many}}), GREEDY)
     assert llm.engine.all_memory_free()
     assert llm.chat(user({"type": "text", "text": "still fine"}), GREEDY)[0].finished
+
+
+def test_a_long_video_is_encoded_a_group_at_a_time_between_other_work():
+    """With a small token budget a 40-frame video (3 encoder groups) is encoded as its prompt chunks reach
+    each group, while a text request keeps decoding; the tokens equal a run with one big step."""
+    from glimpse.engine.engine import EngineConfig, LLMEngine
+    from glimpse.processing.multimodal import FRAMES_PER_ENCODE
+
+    frames = [np.asarray(image(64, 64, 100 + i)) for i in range(40)]
+    prompt = {"prompt": "<video>What happens?", "multi_modal_data": {"video": frames}}
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+    big = LLM("tiny-vl", max_num_seqs=4, max_model_len=16384, max_num_batched_tokens=16384)
+    expected = big.generate(prompt, params)[0].outputs[0].token_ids
+
+    engine = LLMEngine(EngineConfig(model="tiny-vl", max_num_seqs=4, max_model_len=16384,
+                                    max_num_batched_tokens=2048, enable_prefix_caching=False))  # fmt: skip
+    video = engine.processor.from_prompt(prompt)
+    engine.add_request(
+        "chat", engine.tokenizer.encode("Hello there"), SamplingParams(max_tokens=30, ignore_eos=True)
+    )
+    engine.add_request("video", video.prompt_token_ids, params, media_spans=video.media_spans)
+    misses, chat_tokens, video_out = [], [], None
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.request_id == "chat":
+                chat_tokens.append(len(out.outputs[0].token_ids))
+            if out.request_id == "video" and out.finished:
+                video_out = out.outputs[0].token_ids
+        misses.append(engine.encoder_cache.misses)
+    groups = -(-40 // FRAMES_PER_ENCODE)
+    assert misses[-1] == groups and misses[0] < groups  # encoded a group at a time, not all at once
+    assert video_out == expected
+    last_group_step = misses.index(groups)
+    assert (
+        chat_tokens[last_group_step] == last_group_step + 1
+    )  # the chat got a token in every one of those steps

@@ -28,6 +28,7 @@ from glimpse.processing.pdf import render_pdf
 from glimpse.processing.video import VideoClip, clip_from_frames, decode_video, frame_prompt_text
 
 _MARKER = "\x00media{}\x00"
+FRAMES_PER_ENCODE = 16  # video frames per vision-encoder call (4,096 LLM tokens at 256 per frame)
 _MARKER_RE = re.compile("\x00media(\\d+)\x00")
 
 
@@ -276,22 +277,30 @@ class MediaBuilder:
         start_id, ctx_id, end_id = self.ids.values()
         model, cache, dev = self.model, self.engine.encoder_cache, self.engine.device
         per_frame = self.cfg.tokens_per_tile
-        holder: dict[str, torch.Tensor] = {}
+        total = item.frames.shape[0]
+        groups: dict[int, torch.Tensor] = {}
 
-        def grid() -> torch.Tensor:  # [T, h, w, D], computed once per request, cached across requests
-            if "grid" not in holder:
-                holder["grid"] = cache.get_or_compute(
-                    item.key, lambda: model.encode_video(_normalise(item.frames, self.cfg, dev))
+        def frame_group(g: int) -> torch.Tensor:
+            """[<=FRAMES_PER_ENCODE, h, w, D] for frames g*F.. : a long video is encoded a group at a time,
+            as the engine's prompt chunks reach it, so its vision work interleaves with other requests'
+            steps instead of stalling them all at once (and a prefix-cache hit skips it entirely)."""
+            if g not in groups:
+                lo, hi = g * FRAMES_PER_ENCODE, min((g + 1) * FRAMES_PER_ENCODE, total)
+                groups[g] = cache.get_or_compute(
+                    f"{item.key}:{lo}-{hi}",
+                    lambda: model.encode_video(_normalise(item.frames[lo:hi], self.cfg, dev)),
                 )
-            return holder["grid"]
+            return groups[g]
 
-        if (
-            item.pruning_rate > 0
-        ):  # EVS needs the embeddings now: they decide how many tokens each frame keeps
-            mask = evs.retention_mask(grid(), item.pruning_rate)
+        def frame_grid(t: int) -> torch.Tensor:  # [h, w, D]
+            return frame_group(t // FRAMES_PER_ENCODE)[t % FRAMES_PER_ENCODE]
+
+        if item.pruning_rate > 0:  # EVS needs every frame now: the embeddings decide each frame's tokens
+            grid = torch.cat([frame_group(g) for g in range(-(-total // FRAMES_PER_ENCODE))])
+            mask = evs.retention_mask(grid, item.pruning_rate)
             kept = [int(k) for k in mask.flatten(1).sum(1).tolist()]
         else:
-            mask, kept = None, [per_frame] * item.frames.shape[0]
+            mask, kept = None, [per_frame] * total
         frame = 0
         for piece in frame_prompt_text(item.clip, kept):
             if piece.kind == "text":
@@ -302,7 +311,7 @@ class MediaBuilder:
                 t = frame
 
                 def encode(t=t):
-                    g = grid()[t]
+                    g = frame_grid(t)
                     return g[mask[t]] if mask is not None else g.flatten(0, 1)
 
                 spans.append(
