@@ -110,11 +110,70 @@ def test_unsupported_pattern_letter_is_a_clear_error():
         NemotronHConfig.from_dict(cfg)
 
 
-def test_quantised_checkpoint_is_refused_plainly(tmp_path):
+def test_nvfp4_checkpoint_is_refused_plainly(tmp_path):
     ckpt = make_tiny(tmp_path / "m")
-    (ckpt / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "FP8"}}))
-    with pytest.raises(CheckpointError, match="quantised checkpoint \\(FP8\\)"):
+    (ckpt / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "NVFP4"}}))
+    with pytest.raises(CheckpointError, match="quantised checkpoint \\(NVFP4\\).*not supported yet"):
         load_language_model(ckpt, "cpu", torch.float32)
+
+
+LINEARS = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "up_proj.weight",
+           "down_proj.weight", "in_proj.weight", "out_proj.weight")  # fmt: skip
+
+
+def write_fp8_checkpoint(src, dst):
+    """modelopt's FP8 layout: E4M3 weights with a per-tensor fp32 weight_scale and input_scale beside them."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    state = load_file(dst / "model.safetensors")
+    out = {}
+    for name, t in state.items():
+        if name.endswith(LINEARS):
+            scale = t.float().abs().max() / 448.0
+            out[name] = (t.float() / scale).to(torch.float8_e4m3fn)
+            out[name[: -len("weight")] + "weight_scale"] = scale.reshape(())
+            out[name[: -len("weight")] + "input_scale"] = torch.tensor(0.02)
+        else:
+            out[name] = t
+    save_file(out, dst / "model.safetensors")
+    quant = {
+        "producer": {"name": "modelopt"},
+        "quantization": {"quant_algo": "FP8", "exclude_modules": ["lm_head"]},
+    }
+    (dst / "hf_quant_config.json").write_text(json.dumps(quant))
+    return out
+
+
+def test_fp8_checkpoint_loads_dequantised(tmp_path):
+    base = make_tiny(tmp_path / "base", seed=4)
+    fp8 = write_fp8_checkpoint(base, tmp_path / "fp8")
+    model = load_language_model(tmp_path / "fp8", "cpu", torch.float32)
+    params = dict(model.named_parameters())
+    checked = 0
+    for name, t in fp8.items():
+        if t.dtype == torch.float8_e4m3fn:
+            want = t.float() * fp8[name + "_scale"]
+            torch.testing.assert_close(params[name], want, rtol=0, atol=0)
+            checked += 1
+    assert checked == sum(1 for n in fp8 if n.endswith(LINEARS))
+    # E4M3 keeps ~2 significant digits: the logits stay close to the bf16 checkpoint's
+    ref = logits_of(load_language_model(base, "cpu", torch.float32))
+    got = logits_of(model)
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 0.1
+
+
+def test_fp8_weight_without_its_scale_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    fp8 = write_fp8_checkpoint(make_tiny(tmp_path / "base"), tmp_path / "fp8")
+    victim = next(n for n in fp8 if n.endswith("down_proj.weight"))
+    del fp8[victim + "_scale"]
+    save_file(fp8, tmp_path / "fp8" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=victim.replace(".", r"\.") + ".*no"):
+        load_language_model(tmp_path / "fp8", "cpu", torch.float32)
 
 
 def test_offline_hub_id_gives_a_clear_error(monkeypatch):

@@ -141,6 +141,7 @@ def load_weights(
     map_name: Callable[[str], str | None],
     device: torch.device | str,
     dtype: torch.dtype,
+    weight_scales: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Fill `module` (built on the meta device) from the shards. `map_name` turns a checkpoint name into
     the module's name, or None for tensors we knowingly don't use. Errors name every offending tensor."""
@@ -160,6 +161,11 @@ def load_weights(
                 f"tensor {ckpt_name!r} has shape {list(shape)}, the model expects {list(want)}"
             )
         tensor = load()
+        if tensor.dtype in _FP8_DTYPES:  # an FP8 linear weight: back to full precision with its scale
+            scale = (weight_scales or {}).get(ckpt_name)
+            if scale is None:
+                raise CheckpointError(f"FP8 tensor {ckpt_name!r} has no {ckpt_name}_scale beside it")
+            tensor = tensor.float() * scale.to(tensor.device)
         if tensor.is_floating_point():
             tensor = tensor.to(torch.float32 if name.endswith(FP32_SUFFIXES) else dtype)
         _set_tensor(module, name, tensor.to(device))
@@ -198,20 +204,51 @@ def llm_name_map(prefix: str = "") -> Callable[[str], str | None]:
     return map_name
 
 
-def check_supported_quantization(model_dir: Path) -> None:
-    """FP8/NVFP4 (modelopt) checkpoints need quantised linear layers we do not have yet: say so plainly."""
+def quantization_algo(model_dir: Path) -> str | None:
+    """The modelopt quantisation of a checkpoint (hf_quant_config.json, or config.json's quantization_config)."""
     quant = model_dir / "hf_quant_config.json"
-    config = model_dir / "config.json"
-    algo = None
     if quant.is_file():
-        algo = json.loads(quant.read_text()).get("quantization", {}).get("quant_algo", "unknown")
-    elif config.is_file():
-        q = json.loads(config.read_text()).get("quantization_config")
-        algo = (q or {}).get("quant_algo") or (q or {}).get("quant_method") if q else None
-    if algo:
-        raise CheckpointError(
-            f"{model_dir} is a quantised checkpoint ({algo}); this version of Glimpse serves BF16 checkpoints only"
-        )
+        return json.loads(quant.read_text()).get("quantization", {}).get("quant_algo") or "unknown"
+    config = model_dir / "config.json"
+    if config.is_file():
+        q = json.loads(config.read_text()).get("quantization_config") or {}
+        return q.get("quant_algo") or q.get("quant_method")
+    return None
+
+
+def check_supported_quantization(model_dir: Path) -> str | None:
+    """BF16 checkpoints load as they are; FP8 ones load with their weights dequantised to the model dtype
+    (per-tensor scales: exact, but no memory or speed gain yet). NVFP4 and others are refused plainly."""
+    algo = quantization_algo(model_dir)
+    if algo is None or str(algo).upper() == "FP8":
+        return None if algo is None else "FP8"
+    raise CheckpointError(
+        f"{model_dir} is a quantised checkpoint ({algo}); Glimpse loads BF16 and FP8 checkpoints (FP8 "
+        f"dequantised to bf16); {algo} is not supported yet"
+    )
+
+
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# Scales an FP8 (modelopt) checkpoint stores beside its weights; the dequantised model needs only weight_scale.
+_FP8_SIDECARS = (".weight_scale", ".input_scale", ".k_scale", ".v_scale")
+
+
+def fp8_name_map(inner: Callable[[str], str | None]) -> Callable[[str], str | None]:
+    """Skip the FP8 scale tensors (weight_scale is read separately, to dequantise its weight)."""
+    return lambda name: None if name.endswith(_FP8_SIDECARS) else inner(name)
+
+
+def read_weight_scales(files: list[Path]) -> dict[str, torch.Tensor]:
+    """`X.weight_scale` of every quantised linear layer, keyed by `X.weight` (small: one number each)."""
+    from safetensors import safe_open
+
+    scales = {}
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name.endswith(".weight_scale"):
+                    scales[name[: -len("_scale")]] = f.get_tensor(name).float()
+    return scales
 
 
 def load_language_model(model_dir: Path, device: torch.device | str, dtype: torch.dtype):
@@ -219,10 +256,14 @@ def load_language_model(model_dir: Path, device: torch.device | str, dtype: torc
     from glimpse.config import NemotronHConfig, read_config_json
     from glimpse.model.nemotron_h import NemotronHForCausalLM
 
-    check_supported_quantization(model_dir)
+    quant = check_supported_quantization(model_dir)
     config = NemotronHConfig.from_dict(read_config_json(model_dir))
     with torch.device("meta"):
         model = NemotronHForCausalLM(config)
-    load_weights(model, checkpoint_files(model_dir), llm_name_map(), device, dtype)
+    files = checkpoint_files(model_dir)
+    names, scales = llm_name_map(), None
+    if quant == "FP8":
+        names, scales = fp8_name_map(names), read_weight_scales(files)
+    load_weights(model, files, names, device, dtype, scales)
     model.tie_weights()
     return model.eval()

@@ -71,14 +71,24 @@ def vl_name_map(name: str) -> str | None:
 
 
 def load_vl_model(model_dir: Path, device: torch.device | str, dtype: torch.dtype) -> NemotronVLModel:
-    from glimpse.loader import check_supported_quantization, checkpoint_files, load_weights, tensor_shapes
+    from glimpse.loader import (
+        check_supported_quantization,
+        checkpoint_files,
+        fp8_name_map,
+        load_weights,
+        read_weight_scales,
+        tensor_shapes,
+    )
 
-    check_supported_quantization(model_dir)
+    quant = check_supported_quantization(model_dir)
     config = VLConfig.from_dict(read_config_json(model_dir))
     files = checkpoint_files(model_dir)
     vision = RadioConfig.from_checkpoint(config.vision_config, tensor_shapes(files))
     with torch.device("meta"):
         model = NemotronVLModel(config, vision)
-    load_weights(model, files, vl_name_map, device, dtype)
+    names, scales = vl_name_map, None
+    if quant == "FP8":
+        names, scales = fp8_name_map(vl_name_map), read_weight_scales(files)
+    load_weights(model, files, names, device, dtype, scales)
     model.language_model.tie_weights()
     return model.eval()
