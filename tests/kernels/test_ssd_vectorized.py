@@ -8,8 +8,6 @@ bf16 inputs, bf16 state pools) to within one bf16 rounding of each element. A CU
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -182,30 +180,6 @@ def test_rejects_shared_slots():
     args, pool, cu, slots, init = _inputs([3, 4], 16, 2, 4, 8, torch.float32, torch.float32)
     with pytest.raises(ValueError):
         ssd_chunk_scan_varlen_vectorized(*args, pool, cu, [1, 1], init, 4)
-
-
-def test_cpu_timing_printed():
-    """Not asserted: reference (loop over sequences and chunks) vs vectorised, on CPU."""
-    Q, H, G, P, N = 64, 32, 4, 16, 32
-    lens = [700, 300, 1000, 47]
-    args, pool, cu, slots, init = _inputs(lens, H, G, P, N, torch.float32, torch.float32, seed=1)
-
-    def best(fn):
-        times = []
-        for _ in range(3):
-            p = pool.clone()
-            t = time.perf_counter()
-            fn(*args, p, cu, slots, init, Q)
-            times.append(time.perf_counter() - t)
-        return min(times) * 1e3
-
-    t_ref = best(reference)
-    t_vec = best(ssd_chunk_scan_varlen_vectorized)
-    print(
-        f"\nCPU ({torch.get_num_threads()} threads), {sum(lens)} tokens in {len(lens)} sequences, H={H} "
-        f"G={G} P={P} N={N} Q={Q}: reference {t_ref:.1f} ms, vectorised {t_vec:.1f} ms "
-        f"({t_ref / t_vec:.1f}x)"
-    )
 
 
 def test_bench_runs_on_cpu():
