@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 
 import pytest
 import torch
@@ -19,15 +18,10 @@ import torch.nn.functional as F
 
 from glimpse.kernels.causal_conv1d import causal_conv1d_update as ref_conv_update
 from glimpse.kernels.ssd import selective_state_update as ref_state_update
+from tests.kernels.triton_device import triton_test_device  # noqa: E402
 
-_INTERPRET = os.environ.get("GLIMPSE_TEST_INTERPRET") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
-if torch.cuda.is_available():
-    DEVICE = "cuda"
-elif _INTERPRET:
-    DEVICE = "cpu"
-else:
-    pytest.skip("the Triton kernels need CUDA", allow_module_level=True)
-pytest.importorskip("triton")
+DEVICE = triton_test_device()
+_INTERPRET = DEVICE == "cpu"
 
 from glimpse.kernels import triton_conv, triton_ssm_update  # noqa: E402
 

@@ -11,21 +11,15 @@ The references always run on CPU copies of the inputs, so they never dispatch to
 from __future__ import annotations
 
 import contextlib
-import os
 
 import pytest
 import torch
 
 from glimpse.kernels import norms as ref
+from tests.kernels.triton_device import triton_test_device  # noqa: E402
 
-_INTERPRET = os.environ.get("GLIMPSE_TEST_INTERPRET") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
-if torch.cuda.is_available():
-    DEVICE = "cuda"
-elif _INTERPRET:
-    DEVICE = "cpu"
-else:
-    pytest.skip("the Triton kernels need CUDA", allow_module_level=True)
-pytest.importorskip("triton")
+DEVICE = triton_test_device()
+_INTERPRET = DEVICE == "cpu"
 
 from glimpse.kernels import triton_norms  # noqa: E402
 

@@ -14,20 +14,14 @@ precision "bf16" (the fp32 operand of each dot rounded to bf16).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-_INTERPRET = os.environ.get("GLIMPSE_TEST_INTERPRET") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
-if torch.cuda.is_available():
-    DEVICE = "cuda"
-elif _INTERPRET:
-    DEVICE = "cpu"
-else:
-    pytest.skip("the Triton kernels need CUDA", allow_module_level=True)
-pytest.importorskip("triton")
+from tests.kernels.triton_device import triton_test_device  # noqa: E402
+
+DEVICE = triton_test_device()
+_INTERPRET = DEVICE == "cpu"
 
 from glimpse.kernels import triton_ssd  # noqa: E402
 from glimpse.kernels.ssd import ssd_chunk_scan_varlen as reference  # noqa: E402
