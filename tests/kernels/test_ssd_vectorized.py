@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from glimpse.kernels.ssd import ssd_chunk_scan_varlen as reference
 from glimpse.kernels.ssd_vectorized import bench_ssd, ssd_chunk_scan_varlen_vectorized
+from tests.kernels.ssd_inputs import ssd_inputs
 
 
 @pytest.fixture(autouse=True)
@@ -34,22 +34,7 @@ def _lengths(Q: int) -> list[int]:
 
 
 def _inputs(lens, H, G, P, N, dtype, state_dtype, seed=0, dt_shift=0.0, a_shift=0.0, extra_slots=3):
-    gen = torch.Generator().manual_seed(seed)
-    cu = [0]
-    for n in lens:
-        cu.append(cu[-1] + n)
-    T = cu[-1]
-    x = torch.randn(T, H, P, generator=gen).to(dtype)
-    dt = F.softplus(torch.randn(T, H, generator=gen) + dt_shift)
-    A = -torch.exp(torch.randn(H, generator=gen) + a_shift)
-    B = torch.randn(T, G, N, generator=gen).to(dtype)
-    C = torch.randn(T, G, N, generator=gen).to(dtype)
-    D = torch.randn(H, generator=gen)
-    S = len(lens)
-    pool = torch.randn(S + extra_slots, H, P, N, generator=gen).to(state_dtype)
-    slots = torch.randperm(S + extra_slots, generator=gen)[:S].tolist()  # distinct, scattered
-    init = [i % 3 != 1 for i in range(S)]  # mixed
-    return (x, dt, A, B, C, D), pool, cu, slots, init
+    return ssd_inputs(lens, H, G, P, N, dtype, state_dtype, seed, dt_shift, a_shift, extra_slots)
 
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:

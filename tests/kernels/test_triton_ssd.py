@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from tests.kernels.ssd_inputs import ssd_inputs
 from tests.kernels.triton_device import triton_test_device  # noqa: E402
 
 DEVICE = triton_test_device()
@@ -53,22 +53,7 @@ def _tol(dtype, precision, rounded_output=False) -> float:
 
 
 def _inputs(lens, H, G, P, N, dtype, state_dtype=torch.float32, seed=0, dt_shift=0.0, a_shift=0.0):
-    gen = torch.Generator().manual_seed(seed)
-    cu = [0]
-    for n in lens:
-        cu.append(cu[-1] + n)
-    T = cu[-1]
-    x = torch.randn(T, H, P, generator=gen).to(dtype)
-    dt = F.softplus(torch.randn(T, H, generator=gen) + dt_shift)
-    A = -torch.exp(torch.randn(H, generator=gen) + a_shift)
-    B = torch.randn(T, G, N, generator=gen).to(dtype)
-    C = torch.randn(T, G, N, generator=gen).to(dtype)
-    D = torch.randn(H, generator=gen)
-    S = len(lens)
-    pool = torch.randn(S + 2, H, P, N, generator=gen).to(state_dtype)
-    slots = torch.randperm(S + 2, generator=gen)[:S].tolist()  # distinct, scattered
-    init = [i % 3 != 1 for i in range(S)]
-    return (x, dt, A, B, C, D), pool, cu, slots, init
+    return ssd_inputs(lens, H, G, P, N, dtype, state_dtype, seed, dt_shift, a_shift, extra_slots=2)
 
 
 def _dev(*ts):

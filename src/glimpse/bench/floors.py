@@ -17,21 +17,24 @@ from glimpse.config import NemotronHConfig
 from glimpse.engine.cache import kv_bytes_per_token, state_bytes_per_sequence
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device: its work is asynchronous, so host clocks need this around timed regions."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _time(fn, device: torch.device, repeats: int) -> float:
-    fn()
-    _sync(device)
+def median_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
+    """Median wall time of `fn` over `repeats` runs after `warmup` ones, and every run's time."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+    return sorted(times)[len(times) // 2], times
 
 
 def measure_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
@@ -39,7 +42,7 @@ def measure_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
     nbytes = nbytes or ((2 << 30) if device.type == "cuda" else (64 << 20))
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
-    seconds = _time(lambda: dst.copy_(src), device, 10)
+    seconds, _ = median_seconds(lambda: dst.copy_(src), device, 10)
     return 2 * nbytes / seconds
 
 
@@ -49,7 +52,7 @@ def measure_matmul_rate(device: torch.device, n: int | None = None) -> float:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
-    seconds = _time(lambda: a @ b, device, 10)
+    seconds, _ = median_seconds(lambda: a @ b, device, 10)
     return 2 * n**3 / seconds
 
 

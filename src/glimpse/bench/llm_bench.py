@@ -30,11 +30,6 @@ class BenchContext:
     seed: int = 0
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _engine(ctx: BenchContext, **kw) -> LLMEngine:
     cfg = EngineConfig(model="<bench>", device=str(ctx.device), dtype=str(ctx.dtype).removeprefix("torch."),
                        enable_prefix_caching=False, seed=ctx.seed, **kw)  # fmt: skip
@@ -67,14 +62,14 @@ def decode_throughput(
         seqs = [s for r in engine.requests.values() for s in r.sequences]
         while any(s.is_prefilling or s.slot is None for s in seqs):
             engine.step()
-        _sync(ctx.device)
+        floors.sync(ctx.device)
         steps, t0 = 0, time.perf_counter()
         contexts = []
         while all(not s.is_finished for s in seqs):
             contexts.append(sum(s.num_tokens for s in seqs) / len(seqs))
             engine.step()
             steps += 1
-        _sync(ctx.device)
+        floors.sync(ctx.device)
         seconds = time.perf_counter() - t0
         while engine.has_unfinished():
             engine.step()
@@ -106,12 +101,12 @@ def prefill(ctx: BenchContext, length: int, max_num_batched_tokens: int | None =
         while engine.has_unfinished():
             engine.step()
         prompt = _prompts(1, length, config.vocab_size, ctx.seed + length)[0]
-        _sync(ctx.device)
+        floors.sync(ctx.device)
         t0 = time.perf_counter()
         engine.add_request("p", prompt, params)
         while engine.has_unfinished():
             engine.step()
-        _sync(ctx.device)
+        floors.sync(ctx.device)
         seconds = time.perf_counter() - t0
         flops = floors.prefill_flops(ctx.model, config, length)
         floor_s = flops / ctx.matmul_rate

@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from glimpse.bench.llm_bench import BenchContext, _engine, _release, _sync
+from glimpse.bench.floors import median_seconds as _median_seconds
+from glimpse.bench.floors import sync as _sync
+from glimpse.bench.llm_bench import BenchContext, _engine, _release
 from glimpse.model.radio import RadioConfig
 from glimpse.sampling_params import SamplingParams
 
@@ -67,19 +69,6 @@ def projector_flops_per_tile(model: torch.nn.Module, height: int = 512, width: i
         * cols
         * (proj[1].in_features * proj[1].out_features + proj[3].in_features * proj[3].out_features)
     )
-
-
-def _median_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)), times
 
 
 def _require_vl(model: torch.nn.Module, scenario: str) -> None:
