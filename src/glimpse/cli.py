@@ -23,6 +23,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--video-pruning-rate", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each decode step before the last one's tokens are read back, so host work "
+                        "overlaps the GPU (default: on with CUDA graphs)")  # fmt: skip
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse cached prompt prefixes (--no-enable-prefix-caching turns it off)")  # fmt: skip
 
@@ -35,7 +38,7 @@ def _llm(args: argparse.Namespace):
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         mamba_ssm_cache_dtype=args.mamba_ssm_cache_dtype, gpu_memory_utilization=args.gpu_memory_utilization,
         video_pruning_rate=args.video_pruning_rate, seed=args.seed, enforce_eager=args.enforce_eager,
-        enable_prefix_caching=args.enable_prefix_caching,
+        enable_prefix_caching=args.enable_prefix_caching, async_scheduling=args.async_scheduling,
     )  # fmt: skip
 
 

@@ -173,8 +173,14 @@ def test_bench_runs_on_cpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_dispatch_12b_shapes():
-    """On a GPU, `ssd_chunk_scan_varlen` dispatches here; compare with the reference on CPU copies."""
+@pytest.mark.parametrize("precision", ["exact", "bf16"])
+def test_cuda_dispatch_12b_shapes(precision, monkeypatch):
+    """On a GPU, `ssd_chunk_scan_varlen` dispatches here; compare with the reference on CPU copies.
+    "exact" must match to one bf16 rounding (states 1e-5); the default "bf16" to mamba-ssm's accuracy:
+    5e-2 of the largest |y| (measured 5.2e-3 at 6k tokens) and 1e-2 on the states (measured 2.1e-3)."""
+    from glimpse.kernels import triton_ssd
+
+    monkeypatch.setattr(triton_ssd, "PRECISION", precision)
     Q, H, G, P, N = 128, 128, 8, 80, 128
     lens = [300, 1, 517, 128]
     for state_dtype in (torch.float32, torch.bfloat16):
@@ -183,10 +189,14 @@ def test_cuda_dispatch_12b_shapes():
         y_ref = reference(*args, ref_pool, cu, slots, init, Q)
         pool_gpu = pool.cuda()
         y = reference(*[a.cuda() for a in args], pool_gpu, cu, slots, init, Q)  # dispatches on CUDA
-        _check_bf16(y.cpu(), y_ref)
         st = pool_gpu.cpu()
         others = [i for i in range(pool.shape[0]) if i not in slots]
         assert torch.equal(st[others], pool[others])
+        if precision == "bf16":
+            assert _rel(y.cpu().float(), y_ref.float()) <= 5e-2
+            assert _rel(st[slots].float(), ref_pool[slots].float()) <= 1e-2
+            continue
+        _check_bf16(y.cpu(), y_ref)
         if state_dtype == torch.float32:
             assert _rel(st[slots], ref_pool[slots]) <= 1e-5
         else:

@@ -374,6 +374,101 @@ def sweep_conv_configs(
     return rows
 
 
+# Prompt chunks: the packed varlen conv ---------------------------------------------------------------
+
+
+def conv_varlen_bytes(tokens, seqs, state_dtype, dtype, channels, kernel) -> int:
+    """x read once, y written once, each sequence's state read and written, weight + bias."""
+    es, xs = torch.empty(0, dtype=state_dtype).element_size(), torch.empty(0, dtype=dtype).element_size()
+    return 2 * tokens * channels * xs + 2 * seqs * (kernel - 1) * channels * es + channels * (kernel + 1) * xs
+
+
+def _conv_varlen_torch(x, weight, bias, state, cu, slots, init):
+    """What the model ran before the kernel: the list-based reference, then silu."""
+    from glimpse.kernels.causal_conv1d import causal_conv1d_varlen
+
+    return F.silu(causal_conv1d_varlen(x, weight, bias, state, cu, slots, init))
+
+
+def bench_conv_varlen(
+    tokens=(4096, 32768),
+    channels: int = 12288,
+    kernel: int = 4,
+    seqs: int = 4,
+    dtype: torch.dtype = torch.bfloat16,
+    state_dtype: torch.dtype | None = None,
+    configs=(None,),
+    reference: bool = True,
+    copy_gbps: float | None = None,
+    verbose: bool = True,
+) -> list[dict]:
+    """Time `triton_conv.causal_conv1d_varlen_silu` (conv + silu + state update of packed prompt chunks)
+    against the torch path the model used before (list-based `causal_conv1d_varlen`, then silu).
+
+    Per token count: `seqs` sequences of about equal length (every other one with a cached state), x a
+    column slice of a wider in_proj-like output (strided rows, as in the model). `configs`: launch
+    configurations (block_t, block_c, num_warps) to time, None for the default. Rows: `ms` (CUDA graph of
+    the launches, median), `eager_ms` (CUDA events around eager calls, launch overhead included), bytes
+    moved, GB/s, % of the copy floor, `max_err` (max |triton - torch|, both bf16) and, with `reference`,
+    the torch path's eager ms in `ref_ms` and as its own row. `batch` (and `tokens`) is the token count.
+    """
+    from glimpse.kernels import triton_conv
+
+    state_dtype = state_dtype or dtype
+    if copy_gbps is None:
+        copy_gbps = measure_copy_bandwidth()["copy_gbps"]
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    rows = []
+    for total in tokens:
+        lens = [total // seqs] * seqs
+        lens[-1] += total - sum(lens)
+        cu = [0]
+        for n in lens:
+            cu.append(cu[-1] + n)
+        wide = torch.randn(total, channels + 10368, device=DEVICE, generator=g).to(dtype)  # z | xBC | dt
+        x = wide[:, 10240 : 10240 + channels]
+        weight = (torch.randn(channels, kernel, device=DEVICE, generator=g) * 0.5).to(dtype)
+        bias = torch.randn(channels, device=DEVICE, generator=g).to(dtype)
+        pool = torch.randn(4 * seqs, kernel - 1, channels, device=DEVICE, generator=g).to(state_dtype)
+        slots_list = list(range(1, 4 * seqs, 4))
+        init_list = [i % 2 == 0 for i in range(seqs)]
+        cu_t = torch.tensor(cu, dtype=torch.int32, device=DEVICE)
+        slots = torch.tensor(slots_list, device=DEVICE)
+        init = torch.tensor(init_list, device=DEVICE)
+        nbytes = conv_varlen_bytes(total, seqs, state_dtype, dtype, channels, kernel)
+
+        pool0 = pool.clone()  # the timed calls update `pool` in place; parity starts from this copy
+        y_ref = _conv_varlen_torch(x, weight, bias, pool0.clone(), cu, slots_list, init_list)
+        ref_ms = None
+        if reference:
+            ref_call = functools.partial(_conv_varlen_torch, x, weight, bias, pool, cu, slots_list, init_list)
+            ref_ms = _without_triton(time_eager, [ref_call], reps=5)
+        new = []
+        for cfg in configs:
+            bt, bc, warps = cfg or (None, None, None)
+            kw = {"block_t": bt, "block_c": bc, "num_warps": warps}
+            fn = triton_conv.causal_conv1d_varlen_silu
+            call = functools.partial(fn, x, weight, bias, pool, cu_t, slots, init, max(lens), **kw)
+            y = fn(x, weight, bias, pool0.clone(), cu_t, slots, init, max(lens), **kw)
+            err = (y.float() - y_ref.float()).abs().max().item()
+            del y
+            extra = {"eager_ms": time_eager([call] * 4), "max_err": err, "tokens": total, "seqs": seqs}
+            if ref_ms is not None:
+                extra["ref_ms"] = ref_ms
+            name = "conv_varlen" if cfg is None else f"conv_varlen[{bt},{bc},{warps}]"
+            new.append(_row(name, total, state_dtype, time_graph([call] * 4), nbytes, copy_gbps, **extra))
+        if ref_ms is not None:
+            torch_row = _row("conv_varlen_torch", total, state_dtype, ref_ms, nbytes, copy_gbps)
+            new.append(dict(torch_row, tokens=total, seqs=seqs))
+        if verbose:
+            _print_rows(new, header=not rows)
+            print("max |triton - torch|: " + ", ".join(f"{r['max_err']:.3g}" for r in new if "max_err" in r))
+        rows += new
+        del wide, x, pool, pool0, y_ref
+        torch.cuda.empty_cache()
+    return rows
+
+
 # Parity at full size ----------------------------------------------------------------------------------
 
 
@@ -541,3 +636,103 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# Paged decode attention ------------------------------------------------------------------------------
+
+
+def bench_decode_attention(
+    batches=(1, 8, 64, 256),
+    context: int = 1100,
+    heads: int = 40,
+    kv_heads: int = 8,
+    head_dim: int = 128,
+    block_size: int = 16,
+    dtype: torch.dtype = torch.bfloat16,
+    table_blocks: int | None = None,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    copy_gbps: float | None = None,
+    verbose: bool = True,
+) -> list[dict]:
+    """Microseconds per call of the Triton paged decode attention (kernels/triton_attention.py) at the
+    real model's attention shapes, every sequence `context` keys long; one row per batch size.
+
+    Row: `auto_splits` (what `choose_num_splits` picks, i.e. what the model runs; 1 = single pass),
+    `split_us` (the split-KV path with `num_splits`, default max(2, auto_splits), so it is timed even where
+    the heuristic keeps the single pass), `single_us` (the single-pass kernel), `auto_us` (whichever of the
+    two the heuristic picks), `floor_us` (the K/V bytes read, over the copy bandwidth), `speedup`
+    (single / split) and `pct_floor` (floor / auto). The tables are `table_blocks` wide (default: just
+    enough for `context`; a captured graph of the engine has its full max-length width, which the split
+    count follows). Same method as the Mamba rows: sets of caches cycled to defeat L2, calls captured in
+    a CUDA graph (`time_graph`).
+
+        from glimpse.bench.kernels import bench_decode_attention
+        rows = bench_decode_attention()                      # batches 1, 8, 64, 256 at 1,100 keys
+        rows = bench_decode_attention((1, 4), context=8000, table_blocks=512, num_splits=32)
+    """
+    from glimpse.kernels import triton_attention as ta
+
+    if copy_gbps is None:
+        copy_gbps = measure_copy_bandwidth()["copy_gbps"]
+    elsize = torch.empty((), dtype=dtype).element_size()
+    need = -(-context // block_size)
+    width = max(table_blocks or need, need)
+    tile = block_n or ta.tile_tokens(dtype, head_dim)
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    scale = head_dim**-0.5
+    rows = []
+    for batch in batches:
+        pool_set_bytes = 2 * batch * need * block_size * kv_heads * head_dim * elsize
+        n_sets = _n_sets(pool_set_bytes)
+        n_blocks = n_sets * batch * need + 1  # the last block pads the tables past `need`
+        kc = torch.randn(n_blocks, block_size, kv_heads, head_dim, device=DEVICE, dtype=dtype)
+        vc = torch.randn_like(kc)
+        perm = torch.randperm(n_blocks - 1, device=DEVICE).to(torch.int32).view(n_sets, batch, need)
+        tables = torch.full((n_sets, batch, width), n_blocks - 1, dtype=torch.int32, device=DEVICE)
+        tables[:, :, :need] = perm
+        lens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
+        qs = [torch.randn(batch, heads, head_dim, device=DEVICE, dtype=dtype) for _ in range(n_sets)]
+        auto = ta.choose_num_splits(batch, kv_heads, width, block_size, tile, sms)
+        splits = num_splits or max(2, auto)
+
+        def calls(n, qs=qs, kc=kc, vc=vc, tables=tables, lens=lens):
+            fn = functools.partial(ta.paged_decode_attention, num_splits=n, block_n=block_n)
+            return [functools.partial(fn, q, kc, vc, tables[i], lens, scale) for i, q in enumerate(qs)]
+
+        split_ms = time_graph(calls(splits))
+        single_ms = time_graph(calls(1))
+        auto_ms = single_ms if auto == 1 else (split_ms if auto == splits else time_graph(calls(auto)))
+        kv_bytes = 2 * batch * context * kv_heads * head_dim * elsize
+        floor_us = kv_bytes / (copy_gbps * 1e9) * 1e6
+        row = {
+            "op": "paged_decode_attention",
+            "batch": batch,
+            "context": context,
+            "table_blocks": width,
+            "block_n": tile,
+            "auto_splits": auto,
+            "splits": splits,
+            "split_us": split_ms * 1e3,
+            "single_us": single_ms * 1e3,
+            "auto_us": auto_ms * 1e3,
+            "floor_us": floor_us,
+            "kv_bytes": kv_bytes,
+            "speedup": single_ms / split_ms,
+            "pct_floor": 100.0 * floor_us / (auto_ms * 1e3),
+        }
+        rows.append(row)
+        if verbose:
+            if len(rows) == 1:
+                print(
+                    f"\n{'batch':>6}{'context':>8}{'auto':>6}{'splits':>7}{'split us':>10}{'single us':>11}"
+                    f"{'auto us':>9}{'floor us':>10}{'speedup':>9}{'% floor':>9}"
+                )
+            print(
+                f"{batch:>6}{context:>8}{auto:>6}{splits:>7}{row['split_us']:>10.1f}{row['single_us']:>11.1f}"
+                f"{row['auto_us']:>9.1f}{floor_us:>10.2f}{row['speedup']:>9.2f}{row['pct_floor']:>8.1f}%"
+            )
+            sys.stdout.flush()
+        del kc, vc, tables, qs
+        torch.cuda.empty_cache()
+    return rows

@@ -164,7 +164,8 @@ def video_ttft(
     model = ctx.model
     _require_vl(model, "video-ttft")
     per_frame = model.config.tokens_per_tile
-    longest = num_frames * (per_frame + 24) + 128  # frame separators, <img></img> and the question
+    # frame separators ("Frame 12 sampled at 5.50 seconds: <img>...</img>", ~30 tokens) and the question
+    longest = num_frames * (per_frame + 64) + 256
     engine = _engine(ctx, max_num_seqs=4, max_num_batched_tokens=chunk or longest, max_model_len=longest + 16)
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, detokenize=False)
     results = []

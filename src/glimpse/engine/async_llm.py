@@ -81,6 +81,7 @@ class AsyncLLM:
                 for rid in list(engine.requests):
                     engine.abort(rid)
                     self._finish_stream(rid, e)
+                engine.drop_pending()
                 continue
             for out in outputs:
                 stream = self._streams.get(out.request_id)

@@ -86,29 +86,40 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(
-        self, token_ids: list[int], slots: list[int], block_tables: list[list[int]], context_lens: list[int]
+        self,
+        token_ids: list[int],
+        slots: list[int],
+        block_tables: list[list[int]],
+        context_lens: list[int],
+        device_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
-        """Logits [len(token_ids), vocab] of one decode step, by replaying the smallest graph that fits."""
+        """Logits [len(token_ids), vocab] of one decode step, by replaying the smallest graph that fits.
+
+        `device_ids` = (rows, values): token ids still on the device (sampled by the step before, not yet
+        read back), written over `token_ids[rows]` before the replay."""
         b = len(token_ids)
         size = next(s for s in self.sizes if s >= b)
         bs = self.block_size
         width = max(len(t) for t in block_tables)
-        tables = torch.full((size, width), self.scratch_block, dtype=torch.long)
-        for i, t in enumerate(block_tables):
-            tables[i, : len(t)] = torch.tensor(t, dtype=torch.long)
         pad = size - b
+        sb = self.scratch_block
+        rows = [t + [sb] * (width - len(t)) for t in block_tables] + [[sb] * width] * pad
+        tables = torch.tensor(rows, dtype=torch.long)
         slot_map = [t[c // bs] * bs + c % bs for t, c in zip(block_tables, context_lens)]
         host = torch.tensor(
             [token_ids + [0] * pad, slots + [self.scratch_slot] * pad,
              [c + 1 for c in context_lens] + [1] * pad, slot_map + [self.scratch_block * bs] * pad],
             dtype=torch.long,
         )  # fmt: skip
-        dev = host.to(self.device, non_blocking=True)
+        # From pinned memory, so the copies queue behind the step in flight instead of waiting for it.
+        dev = host.pin_memory().to(self.device, non_blocking=True)
         self.ids[:size].copy_(dev[0])
         self.slots[:size].copy_(dev[1])
         self.seq_lens[:size].copy_(dev[2])
         self.slot_map[:size].copy_(dev[3])
-        self.tables[:size, :width].copy_(tables.to(self.device, non_blocking=True))
+        self.tables[:size, :width].copy_(tables.pin_memory().to(self.device, non_blocking=True))
+        if device_ids is not None:
+            self.ids.index_copy_(0, *device_ids)
         graph, out = self.graphs[size]
         graph.replay()
         return out[:b]

@@ -27,8 +27,8 @@ from glimpse.engine.cache import (
 from glimpse.engine.detokenizer import IncrementalDetokenizer
 from glimpse.engine.encoder_cache import EncoderCache
 from glimpse.engine.prefix_cache import PrefixCache, prompt_block_hashes, snapshot_points
-from glimpse.engine.request import MediaSpan, Request, Sequence, SequenceStatus
-from glimpse.engine.runner import ModelRunner
+from glimpse.engine.request import PENDING_TOKEN, MediaSpan, Request, Sequence, SequenceStatus
+from glimpse.engine.runner import ModelRunner, PendingStep
 from glimpse.engine.sampler import SequenceSamplingState, make_generator
 from glimpse.engine.scheduler import Scheduler
 from glimpse.errors import InvalidRequestError
@@ -54,6 +54,9 @@ class EngineConfig:
     cache_memory_bytes: int | None = None
     block_size: int = 16
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    # Launch each decode step before reading back the last one's tokens, so the host's work (scheduling,
+    # stop checks, detokenising, streaming) overlaps the GPU's. None: on with CUDA graphs.
+    async_scheduling: bool | None = None
     encoder_cache_bytes: int | None = (
         None  # vision embeddings kept for reuse (default 2 GiB GPU, 512 MiB CPU)
     )
@@ -163,6 +166,9 @@ class LLMEngine:
                 -(-self.max_model_len // cfg.block_size), scratch_slot=slots, scratch_block=blocks,
             )  # fmt: skip
             self.runner.graphs.capture()
+        self.async_scheduling = use_graphs if cfg.async_scheduling is None else cfg.async_scheduling
+        self._pending: PendingStep | None = None  # a decode step launched but not yet read back
+        self.num_async_steps = 0
         self._think_ids: tuple | None = None
         self._structured = None  # the grammar compiler, made on the first constrained request
         self._structured_lock = threading.Lock()
@@ -340,16 +346,32 @@ class LLMEngine:
         return self._output(req)
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or self._pending is not None
 
     # Stepping ----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One forward pass; outputs for every request that got new tokens or finished."""
+        """One forward pass; outputs for every request that got new tokens or finished.
+
+        With async scheduling a pure decode step is launched before the previous one's tokens are read
+        back: its outputs arrive with the next call, while the GPU already runs the following step."""
+        if self._pending is not None and not self._can_continue_async():
+            return self._collect(self._take_pending())  # settle the pipeline; the next call schedules
         sched = self.scheduler.schedule()
         if not sched.chunks:
+            if self._pending is not None:
+                return self._collect(self._take_pending())
             if self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("the scheduler cannot admit any waiting sequence (cache too small)")
             return []
+        if self.async_scheduling and self._async_step(sched):
+            return self._launch_async(sched)
+        if self._pending is not None:  # not expected (checked above); settle first, drop what finished
+            outputs = self._collect(self._take_pending())
+            sched.chunks = [c for c in sched.chunks if not c.seq.is_finished]
+            if not sched.chunks:
+                return outputs
+        else:
+            outputs = []
         seqs, sampled = self.runner.execute(sched)
         for chunk in sched.chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
@@ -358,12 +380,89 @@ class LLMEngine:
         for i, seq in enumerate(seqs):
             self._append_token(seq, sampled.token_ids[i], sampled.logprobs[i], sampled.sampled_logprobs[i])
             touched[seq.request.request_id] = seq.request
+        return outputs + self._outputs_for(touched)
+
+    def _outputs_for(self, touched: dict[str, Request]) -> list[RequestOutput]:
         outputs = []
         for req in touched.values():
             outputs.append(self._output(req))
             if req.finished:
                 self.requests.pop(req.request_id, None)
         return outputs
+
+    # Asynchronous decode -------------------------------------------------------------------------------
+    @staticmethod
+    def _async_safe(seq: Sequence) -> bool:
+        """Sampling that needs nothing from the host about the previous token: no penalties (they count
+        tokens), no grammar (it advances on the host), no logprob dicts, no forced test tokens."""
+        p = seq.params
+        return (
+            seq.grammar is None
+            and p.logprobs is None
+            and p.forced_token_ids is None
+            and p.repetition_penalty == 1.0
+            and p.presence_penalty == 0.0
+            and p.frequency_penalty == 0.0
+        )
+
+    def _async_step(self, sched) -> bool:
+        chunks = sched.chunks
+        if sched.preempted or not all(c.num_tokens == 1 and c.start > 0 and c.completes for c in chunks):
+            return False
+        if self.runner.graphs is not None and not self.runner._graph_step(chunks):
+            return False
+        if any(span.start <= c.start < span.end for c in chunks for span in c.seq.request.media_spans):
+            return False
+        return all(self._async_safe(c.seq) for c in chunks)
+
+    def _can_continue_async(self) -> bool:
+        """With a step in flight, may the next one be scheduled before its tokens are known? Only when the
+        schedule is bound to be a plain decode of the same sequences that cannot preempt anyone (a
+        preempted sequence would recompute from placeholder tokens)."""
+        sch = self.scheduler
+        if sch.waiting or not sch.running or len(sch.running) > len(self._pending.seqs):
+            return False
+        bs = self.cfg.block_size
+        new_blocks = 0
+        for seq in sch.running:
+            if seq.num_tokens - seq.num_computed_tokens != 1 or not self._async_safe(seq):
+                return False
+            new_blocks += seq.num_computed_tokens + 1 > len(seq.block_ids) * bs
+        return new_blocks <= self.cache.blocks.num_free
+
+    def _launch_async(self, sched) -> list[RequestOutput]:
+        pending = self.runner.launch_decode(sched, self._pending)
+        self.num_async_steps += 1
+        for chunk in sched.chunks:
+            chunk.seq.num_computed_tokens += 1
+            chunk.seq.output_token_ids.append(PENDING_TOKEN)
+        previous, self._pending = self._pending, pending
+        return self._collect(previous) if previous is not None else []
+
+    def drop_pending(self) -> None:
+        """Forget a step in flight (after a failure: its requests have been aborted)."""
+        self._pending = None
+
+    def _take_pending(self) -> PendingStep:
+        pending, self._pending = self._pending, None
+        return pending
+
+    def _collect(self, pending: PendingStep) -> list[RequestOutput]:
+        """Read a launched step's tokens back and process them as a synchronous step would have."""
+        tokens, logprobs = pending.wait()
+        touched: dict[str, Request] = {}
+        for i, seq in enumerate(pending.seqs):
+            if seq.is_finished:  # aborted, or stopped by the step before: its extra token is dropped
+                continue
+            at = pending.out_index[i]
+            later = seq.output_token_ids[at + 1 :]  # placeholders of steps launched since
+            del seq.output_token_ids[at:]
+            self._append_token(seq, tokens[i], None, logprobs[i])
+            if not seq.is_finished:
+                seq.output_token_ids.extend(later)
+                self.cache.on_computed(seq)  # its blocks hold no placeholder up to the last real token
+            touched[seq.request.request_id] = seq.request
+        return self._outputs_for(touched)
 
     def _append_token(self, seq: Sequence, token: int, logprobs: dict | None, sampled_logprob: float) -> None:
         params = seq.params
@@ -424,7 +523,7 @@ class LLMEngine:
             CompletionOutput(
                 index=s.index,
                 text=s.text,
-                token_ids=list(s.output_token_ids),
+                token_ids=_known_tokens(s.output_token_ids),
                 finish_reason=s.finish_reason,
                 stop_reason=s.stop_reason,
                 logprobs=s.logprobs,
@@ -482,6 +581,7 @@ class LLMEngine:
         import gc
 
         self.requests.clear()
+        self._pending = None
         self.runner.graphs = None
         self.runner.cache = None
         self.cache_tensors = None
@@ -494,3 +594,11 @@ class LLMEngine:
 
 
 __all__ = ["LLMEngine", "EngineConfig", "Logprob", "SequenceStatus"]
+
+
+def _known_tokens(ids: list[int]) -> list[int]:
+    """The output tokens the host has read back: without the trailing placeholders of steps in flight."""
+    n = len(ids)
+    while n and ids[n - 1] == PENDING_TOKEN:
+        n -= 1
+    return ids[:n]

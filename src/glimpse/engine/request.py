@@ -14,6 +14,10 @@ import torch
 
 from glimpse.sampling_params import SamplingParams
 
+# Stands in a sequence's output for a token sampled on the device but not yet read back (the engine's
+# asynchronous decode: the next step is launched before the host knows this one's tokens).
+PENDING_TOKEN = -1
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -78,6 +82,10 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return self.num_prompt_tokens + len(self.output_token_ids)
+
+    def token_at(self, pos: int) -> int:
+        p = self.num_prompt_tokens
+        return self.prompt_token_ids[pos] if pos < p else self.output_token_ids[pos - p]
 
     def token_ids(self, start: int, end: int) -> list[int]:
         p = self.num_prompt_tokens

@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from glimpse.engine.request import Sequence
-from glimpse.engine.sampler import SamplerOutput, sample
+from glimpse.engine.request import PENDING_TOKEN, Sequence
+from glimpse.engine.sampler import SamplerOutput, sample, sample_on_device
 from glimpse.engine.scheduler import SchedulerOutput
 from glimpse.model.batch import CacheTensors, ForwardBatch
+
+
+@dataclass
+class PendingStep:
+    """A decode step launched without waiting for it: its sampled tokens are still on their way to the host.
+
+    `tokens` stays on the device, so the next step can read its inputs from it before the host has seen
+    them; `host_tokens`/`host_logprobs` are pinned copies, complete once `done` has fired."""
+
+    seqs: list[Sequence]
+    out_index: list[int]  # where each sequence's placeholder sits in its output_token_ids
+    tokens: torch.Tensor
+    host_tokens: torch.Tensor
+    host_logprobs: torch.Tensor
+    done: torch.cuda.Event | None
+
+    def row_of(self) -> dict[int, int]:
+        return {s.seq_id: i for i, s in enumerate(self.seqs)}
+
+    def wait(self) -> tuple[list[int], list[float]]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host_tokens.tolist(), self.host_logprobs.tolist()
 
 
 class ModelRunner:
@@ -63,7 +88,7 @@ class ModelRunner:
         if self._graph_step(chunks):
             seqs = [c.seq for c in chunks]
             logits = self.graphs.run(
-                [c.seq.token_ids(c.start, c.start + 1)[0] for c in chunks], [c.seq.slot for c in chunks],
+                [c.seq.token_at(c.start) for c in chunks], [c.seq.slot for c in chunks],
                 [c.seq.block_ids for c in chunks], [c.start for c in chunks],
             )  # fmt: skip
             self.num_forward_tokens += len(chunks)
@@ -73,16 +98,7 @@ class ModelRunner:
         for c in chunks:
             token_ids.extend(c.seq.token_ids(c.start, c.start + c.num_tokens))
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        width = max(len(c.seq.block_ids) for c in chunks)
-        tables = torch.zeros(len(chunks), max(width, 1), dtype=torch.long)
-        for i, c in enumerate(chunks):
-            tables[i, : len(c.seq.block_ids)] = torch.tensor(c.seq.block_ids, dtype=torch.long)
-        batch = ForwardBatch(
-            query_lens=[c.num_tokens for c in chunks],
-            context_lens=[c.start for c in chunks],
-            state_slots=torch.tensor([c.seq.slot for c in chunks], dtype=torch.long, device=self.device),
-            block_tables=tables.to(self.device),
-        )
+        batch = self._batch(chunks)
         due = [i for i, c in enumerate(chunks) if c.completes]
         last = batch.cu_query_lens[1:] - 1
         logits_indices = last[torch.tensor(due, dtype=torch.long, device=last.device)]
@@ -96,6 +112,69 @@ class ModelRunner:
             return [], None
         seqs = [chunks[i].seq for i in due]
         return seqs, self._sample(seqs, logits)
+
+    @torch.inference_mode()
+    def launch_decode(self, sched: SchedulerOutput, prev: PendingStep | None) -> PendingStep:
+        """Run a pure decode step and sample without reading anything back. Inputs still pending from
+        `prev` (PENDING_TOKEN on the host) are taken from prev's device tensor."""
+        chunks = sched.chunks
+        seqs = [c.seq for c in chunks]
+        host_ids, dst, src = [], [], []
+        prev_rows = prev.row_of() if prev is not None else {}
+        for i, c in enumerate(chunks):
+            token = c.seq.token_at(c.start)
+            if token == PENDING_TOKEN:
+                dst.append(i)
+                src.append(prev_rows[c.seq.seq_id])
+                token = 0
+            host_ids.append(token)
+        device_ids = None
+        if dst:
+            assert prev is not None
+            idx = torch.tensor([dst, src], dtype=torch.long)
+            idx = idx.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else idx
+            device_ids = (idx[0], prev.tokens.index_select(0, idx[1]))
+        if self._graph_step(chunks):
+            logits = self.graphs.run(
+                host_ids, [c.seq.slot for c in chunks], [c.seq.block_ids for c in chunks],
+                [c.start for c in chunks], device_ids=device_ids,
+            )  # fmt: skip
+        else:  # eager (CPU, or enforce_eager): the same step without a graph
+            ids = torch.tensor(host_ids, dtype=torch.long, device=self.device)
+            if device_ids is not None:
+                ids.index_copy_(0, *device_ids)
+            batch = self._batch(chunks)
+            logits = self.model(batch, self.cache, input_ids=ids, logits_indices=batch.last_token_indices())
+        self.num_forward_tokens += len(chunks)
+        tokens, _, sampled_lp = sample_on_device(
+            logits, [s.sampling_state for s in seqs], self.eos_token_ids, generator=self.generator
+        )
+        cuda = self.device.type == "cuda"
+        host_tokens = torch.empty(len(seqs), dtype=torch.long, pin_memory=cuda)
+        host_lp = torch.empty(len(seqs), dtype=torch.float32, pin_memory=cuda)
+        host_tokens.copy_(tokens, non_blocking=cuda)
+        host_lp.copy_(sampled_lp, non_blocking=cuda)
+        done = None
+        if cuda:
+            done = torch.cuda.Event()
+            done.record()
+        out_index = [len(s.output_token_ids) for s in seqs]
+        return PendingStep(seqs, out_index, tokens, host_tokens, host_lp, done)
+
+    def _batch(self, chunks) -> ForwardBatch:
+        width = max(len(c.seq.block_ids) for c in chunks)
+        tables = torch.zeros(len(chunks), max(width, 1), dtype=torch.long)
+        for i, c in enumerate(chunks):
+            tables[i, : len(c.seq.block_ids)] = torch.tensor(c.seq.block_ids, dtype=torch.long)
+        slots = [c.seq.slot for c in chunks]
+        return ForwardBatch(
+            query_lens=[c.num_tokens for c in chunks],
+            context_lens=[c.start for c in chunks],
+            state_slots=torch.tensor(slots, dtype=torch.long, device=self.device),
+            block_tables=tables.to(self.device),
+            state_slots_list=slots,
+            block_tables_cpu=tables,
+        )
 
     def _graph_step(self, chunks) -> bool:
         """A pure decode step (one new token each, every state already started) that a graph can run."""

@@ -279,8 +279,11 @@ def _process(
     eos_token_ids: Collection[int],
     allowed_token_mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    x = raw.clone()
     penalised = [i for i in rows if _needs_penalties(states[i].params)]
+    banning = any(len(states[i].output_token_ids) < states[i].params.min_tokens for i in rows)
+    if not penalised and not banning and allowed_token_mask is None:
+        return raw  # nothing to change: no copy of [B, V] (callers never write to it)
+    x = raw.clone()
     if penalised:
         _apply_penalties(x, states, penalised)
     if rows:
@@ -313,6 +316,25 @@ def sample(
     `generator` serves the unseeded rows (None: torch's global one). With `tokenizer`, each reported
     Logprob carries `decoded_token` (the token decoded alone, special tokens kept), else None.
     """
+    tokens, raw_lp, sampled_lp = sample_on_device(
+        logits, states, eos_token_ids, allowed_token_mask, generator=generator
+    )
+    token_list = tokens.tolist()
+    sampled_list = sampled_lp.tolist()
+    logprobs = _logprob_dicts(raw_lp, sampled_lp, states, token_list, tokenizer)
+    return SamplerOutput(token_ids=token_list, logprobs=logprobs, sampled_logprobs=sampled_list)
+
+
+def sample_on_device(
+    logits: torch.Tensor,
+    states: list[SequenceSamplingState],
+    eos_token_ids: Collection[int],
+    allowed_token_mask: torch.Tensor | None = None,
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`sample` without reading anything back: (tokens int64 [B], raw logprobs [B, V], logprob of each
+    chosen token [B]), all on the logits' device, so the caller decides when to wait for them."""
     if logits.dim() != 2 or logits.shape[0] != len(states):
         raise ValueError(
             f"logits must be [B, V] with B = len(states) = {len(states)}, got {tuple(logits.shape)}"
@@ -335,10 +357,13 @@ def sample(
     free_rows = [i for i in range(batch) if i not in forced_set]
     x = _process(raw, states, free_rows, eos_token_ids, allowed_token_mask)
 
-    tokens = torch.zeros(batch, dtype=torch.long, device=device)
     greedy = [i for i in free_rows if states[i].params.temperature < GREEDY_TEMPERATURE_EPS]
     random = [i for i in free_rows if states[i].params.temperature >= GREEDY_TEMPERATURE_EPS]
-    if greedy:
+    if len(greedy) == batch:  # the common serving case: one argmax, no index tensors to build
+        tokens = x.argmax(dim=-1)
+    else:
+        tokens = torch.zeros(batch, dtype=torch.long, device=device)
+    if greedy and len(greedy) < batch:
         g = torch.tensor(greedy, device=device)
         tokens[g] = x[g].argmax(dim=-1)  # first maximum: ties go to the lowest id
     if random:
@@ -349,11 +374,7 @@ def sample(
     # torch's log_softmax, not logit - logsumexp: the subtraction loses digits near logprob 0.
     raw_lp = torch.log_softmax(raw, dim=-1)
     sampled_lp = raw_lp.gather(1, tokens[:, None]).squeeze(1)
-
-    token_list = tokens.tolist()
-    sampled_list = sampled_lp.tolist()
-    logprobs = _logprob_dicts(raw_lp, sampled_lp, states, token_list, tokenizer)
-    return SamplerOutput(token_ids=token_list, logprobs=logprobs, sampled_logprobs=sampled_list)
+    return tokens, raw_lp, sampled_lp
 
 
 def _logprob_dicts(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from glimpse.kernels import triton_attention
+from glimpse.kernels import triton_attention, triton_prefill_attention
 
 
 def write_kv(
@@ -34,6 +34,7 @@ def paged_attention(
     key: torch.Tensor | None = None,  # [T, KVH, D]: the new tokens' K/V (already written to the cache)
     value: torch.Tensor | None = None,
     seq_lens: torch.Tensor | None = None,  # int32 [S] on the device: context + new tokens
+    prefill_tensors: tuple[torch.Tensor, ...] | None = None,  # ForwardBatch.prefill_tensors(), for Triton
 ) -> torch.Tensor:
     """Each new token attends to its sequence's cached tokens and the new ones up to itself."""
     if all(n == 1 for n in query_lens):
@@ -43,6 +44,18 @@ def paged_attention(
             )
         return _decode_attention(query, key_cache, value_cache, block_tables, context_lens, scale)
     block_size = key_cache.shape[1]
+    # Chunks that continue from cached KV (a later chunk of a long prompt, a prefix-cache hit): one Triton
+    # kernel over the paged cache for the whole batch. Fresh prompts keep SDPA's causal flash path.
+    if (
+        prefill_tensors is not None
+        and any(c > 0 for c in context_lens)
+        and key_cache.dtype == query.dtype
+        and triton_prefill_attention.available(query, block_size)
+    ):
+        cu, _, ctx = prefill_tensors
+        return triton_prefill_attention.paged_prefill_attention(
+            query, key_cache, value_cache, block_tables, cu, ctx, max(query_lens), scale
+        )
     out = torch.empty_like(query)
     start = 0
     for s, (n, ctx) in enumerate(zip(query_lens, context_lens)):

@@ -43,5 +43,6 @@ class Attention(nn.Module):
             k,
             v,
             batch.seq_lens_t,
+            None if batch.is_decode else batch.prefill_tensors(),
         )
         return self.o_proj(out.reshape(T, self.heads * self.head_dim))

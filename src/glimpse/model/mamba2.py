@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glimpse.config import NemotronHConfig
-from glimpse.kernels.causal_conv1d import causal_conv1d_varlen
+from glimpse.kernels.causal_conv1d import causal_conv1d_varlen_silu
 from glimpse.kernels.norms import gated_rms_norm
 from glimpse.kernels.ssd import ssd_chunk_scan_varlen
 from glimpse.kernels.triton_conv import causal_conv1d_update_silu
@@ -49,6 +49,15 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(torch.zeros(self.heads))
         self.norm = _GroupedNorm(self.d_inner)
         self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=config.mamba_proj_bias)
+        self._A_cache: tuple | None = None
+
+    def _A(self) -> torch.Tensor:
+        """A = -exp(A_log) in fp32, computed once per weight version (three kernels per layer per step
+        otherwise); a decode graph captures the cached tensor's address, which stays put."""
+        key = (self.A_log.data_ptr(), self.A_log._version, self.A_log.device)
+        if self._A_cache is None or self._A_cache[0] != key:
+            self._A_cache = (key, -torch.exp(self.A_log.detach().float()))
+        return self._A_cache[1]
 
     def _dt(self, dt: torch.Tensor) -> torch.Tensor:
         dt = F.softplus(dt.float() + self.dt_bias.float())
@@ -61,18 +70,18 @@ class Mamba2Mixer(nn.Module):
         conv_state = cache.conv_state[self.mamba_index]
         ssm_state = cache.ssm_state[self.mamba_index]
         weight = self.conv1d.weight.squeeze(1)  # [C, K]
-        A = -torch.exp(self.A_log.float())
+        A = self._A()
 
         if batch.is_decode:  # one fused pass each for conv + silu and for softplus(dt) + the state update
             xBC = causal_conv1d_update_silu(xBC, weight, self.conv1d.bias, conv_state, batch.state_slots)
         else:
             dt = self._dt(dt)
-            cu = batch.cu_query_lens.tolist()
-            slots = batch.state_slots.tolist()
-            xBC = causal_conv1d_varlen(
-                xBC, weight, self.conv1d.bias, conv_state, cu, slots, batch.has_initial_state
+            cu = batch.cu_query_lens_list
+            slots = batch.slots_list
+            cu_t, init_t, _ = batch.prefill_tensors()
+            xBC = causal_conv1d_varlen_silu(
+                xBC, weight, self.conv1d.bias, conv_state, cu_t, batch.state_slots, init_t
             )
-            xBC = F.silu(xBC)
         x, B, C = xBC.split([self.d_inner, self.groups * self.state_size, self.groups * self.state_size], -1)
         T = x.shape[0]
         x = x.view(T, self.heads, self.head_dim)

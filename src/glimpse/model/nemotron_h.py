@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from glimpse.config import NemotronHConfig
+from glimpse.kernels.activations import relu_square_
 from glimpse.kernels.norms import add_rms_norm, rms_norm
 from glimpse.model.attention import Attention
 from glimpse.model.batch import CacheTensors, ForwardBatch
@@ -32,7 +33,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: CacheTensors) -> torch.Tensor:
-        return self.down_proj(torch.relu(self.up_proj(x)).square())
+        return self.down_proj(relu_square_(self.up_proj(x)))
 
 
 class Block(nn.Module):

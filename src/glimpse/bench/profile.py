@@ -1,0 +1,173 @@
+"""Where a decode step or a prefill spends its GPU time: a kernel table from torch.profiler.
+
+Not a benchmark (its timings include the profiler's overhead); it answers "which kernels, how long each"
+so the next optimisation is chosen by measurement. Decode steps are profiled both eager (every kernel a
+separate launch, so the table names them) and as CUDA-graph replays (the time the engine really spends).
+
+    python -m glimpse.bench.profile --random-weights nemotron-nano-12b-v2 --batch 1,64 --prefill 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from glimpse.bench import floors
+from glimpse.bench.llm_bench import BenchContext, _engine, _prompts
+from glimpse.sampling_params import SamplingParams
+
+
+def _table(prof, rows: int) -> str:
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70)
+
+
+def _kernel_total_us(prof) -> float:
+    return sum(e.self_device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
+
+
+def profile_decode(ctx: BenchContext, batch: int, prompt_len: int, ssm_dtype: str, eager: bool, steps: int):
+    config = ctx.model.llm_config
+    engine = _engine(ctx, max_num_seqs=batch, max_num_batched_tokens=max(8192, prompt_len),
+                     max_model_len=prompt_len + 64 + steps, mamba_ssm_cache_dtype=ssm_dtype,
+                     enforce_eager=eager)  # fmt: skip
+    try:
+        params = SamplingParams(temperature=0, max_tokens=steps + 40, ignore_eos=True, detokenize=False)
+        for i, p in enumerate(_prompts(batch, prompt_len, config.vocab_size, ctx.seed + batch)):
+            engine.add_request(f"d{i}", p, params)
+        seqs = [s for r in engine.requests.values() for s in r.sequences]
+        while any(s.is_prefilling or s.slot is None for s in seqs):
+            engine.step()
+        for _ in range(10):  # warm: graphs captured, allocator settled
+            engine.step()
+        floors.sync(ctx.device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        floors.sync(ctx.device)
+        step_ms = (time.perf_counter() - t0) / steps * 1e3
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(steps):
+                engine.step()
+            floors.sync(ctx.device)
+        gpu_ms = _kernel_total_us(prof) / steps / 1e3
+        head = (f"== decode batch {batch}, ssm {ssm_dtype}, {'eager' if eager else 'CUDA graphs'}: "
+                f"{step_ms:.2f} ms/step unprofiled; kernels {gpu_ms:.2f} ms/step\n")  # fmt: skip
+        return head + _table(prof, 40)
+    finally:
+        engine.close()
+
+
+def profile_prefill(ctx: BenchContext, length: int) -> str:
+    config = ctx.model.llm_config
+    engine = _engine(ctx, max_num_seqs=4, max_num_batched_tokens=length, max_model_len=length + 16)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, detokenize=False)
+        for i in range(2):  # warm (Triton autotune / compile)
+            engine.add_request(f"w{i}", _prompts(1, length, config.vocab_size, ctx.seed + 100 + i)[0], params)
+            while engine.has_unfinished():
+                engine.step()
+        floors.sync(ctx.device)
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        engine.add_request("p", _prompts(1, length, config.vocab_size, ctx.seed + length)[0], params)
+        t0 = time.perf_counter()
+        with torch.profiler.profile(activities=acts) as prof:
+            while engine.has_unfinished():
+                engine.step()
+            floors.sync(ctx.device)
+        wall = time.perf_counter() - t0
+        gpu_ms = _kernel_total_us(prof) / 1e3
+        return f"== prefill {length}: {wall * 1e3:.1f} ms profiled wall; kernels {gpu_ms:.1f} ms\n" + _table(prof, 45)
+    finally:
+        engine.close()
+
+
+def profile_vision(device: torch.device, batch: int = 64, size: int = 512, variants: str = "eager") -> str:
+    """The ViT-H/16 on `batch` tiles: a kernel table of one forward, and the time of each variant
+    (eager; compile = torch.compile per block; gelu-epilogue = fc1 + tanh-GELU in one cuBLASLt call)."""
+    from glimpse.model import radio
+    from glimpse.model.radio import RadioConfig, RadioViT
+
+    vit = RadioViT(RadioConfig()).to(device, torch.bfloat16).eval()
+    pixels = torch.randn(batch, 3, size, size, device=device, dtype=torch.bfloat16)
+    lines = []
+
+    def timed(label: str) -> None:
+        with torch.inference_mode():
+            for _ in range(2):
+                vit(pixels)
+            seconds, _ = floors.median_seconds(lambda: vit(pixels), device, 5)
+        lines.append(f"vision {label}: {seconds * 1e3:.1f} ms per {batch} tiles, {batch / seconds:.1f} tiles/s")
+        print(lines[-1], flush=True)
+
+    timed("eager")
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.inference_mode(), torch.profiler.profile(activities=acts) as prof:
+        vit(pixels)
+        floors.sync(device)
+    table = _table(prof, 30)
+    original_mlp = radio.Mlp.forward
+    for variant in variants.split(","):
+        if variant == "gelu-epilogue":
+
+            def fused(self, x):
+                h = torch._addmm_activation(self.fc1.bias, x.flatten(0, -2), self.fc1.weight.t(), use_gelu=True)
+                return self.fc2(h.view(*x.shape[:-1], -1))
+
+            radio.Mlp.forward = fused
+            timed(variant)
+            radio.Mlp.forward = original_mlp
+        elif variant == "compile":
+            blocks = list(vit.blocks)
+            for i, b in enumerate(blocks):
+                vit.blocks[i] = torch.compile(b, dynamic=False)
+            timed(variant)
+            for i, b in enumerate(blocks):
+                vit.blocks[i] = b
+    return "\n".join(lines) + "\n== vision eager kernels\n" + table
+
+
+def main(argv: list[str] | None = None) -> int:
+    from glimpse.bench.random_model import random_model
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--random-weights", default="nemotron-nano-12b-v2")
+    ap.add_argument("--batch", default="1,64", help="comma list of decode batch sizes ('' for none)")
+    ap.add_argument("--ssm-dtype", default="float32")
+    ap.add_argument("--prompt-len", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--modes", default="eager,graphs")
+    ap.add_argument("--prefill", default="4096", help="comma list of prefill lengths ('' for none)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--vision", default="", help="comma list of ViT variants to time: eager,compile,gelu-epilogue")
+    ap.add_argument("--out", type=Path, default=None, help="also write the tables here")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    texts = []
+    if args.vision:
+        texts.append(profile_vision(device, variants=args.vision))
+        print(texts[-1], flush=True)
+    if not args.batch and not args.prefill:
+        if args.out:
+            args.out.write_text("\n\n".join(texts))
+        return 0
+    model = random_model(args.random_weights, device, dtype)
+    ctx = BenchContext(model, None, device, dtype, floors.measure_bandwidth(device), 0.0)
+    for b in [int(x) for x in args.batch.split(",") if x]:
+        for mode in args.modes.split(","):
+            texts.append(profile_decode(ctx, b, args.prompt_len, args.ssm_dtype, mode == "eager", args.steps))
+            print(texts[-1], flush=True)
+    for n in [int(x) for x in args.prefill.split(",") if x]:
+        texts.append(profile_prefill(ctx, n))
+        print(texts[-1], flush=True)
+    if args.out:
+        args.out.write_text("\n\n".join(texts))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,352 @@
+"""Triton paged attention for prompt chunks that continue from cached K/V (chunked prefill, prefix-cache
+hits): new tokens of several sequences, packed, attend causally to everything their sequence has in the
+block pool, context and new tokens alike (the new tokens' K/V are written to the cache first).
+
+Causality is lower-right aligned: new token i of sequence s sits at absolute position context_lens[s] + i
+and sees keys 0..context_lens[s] + i. No position encoding (the model has none).
+
+Flash-attention style. One program per (block of BLOCK_M new tokens, query head, sequence); it walks the
+sequence's keys BLOCK_N at a time (BLOCK_N a multiple of the cache's block size), finding each key's
+physical row through the block table, with an online softmax in fp32 and both products on tensor cores.
+Key blocks wholly below the diagonal run without masks; only the last one or few that straddle it are
+masked, and key blocks wholly above it are never visited. Keys at or past a sequence's length are never
+loaded, so whatever sits there (stale data, NaN) cannot leak in.
+
+Sequence boundaries and context lengths come from device tensors; the only host value is the longest
+chunk, which sizes the grid (programs past their sequence's end exit at once). No host synchronisation.
+Set GLIMPSE_TRITON=0 to use the torch path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from glimpse.kernels._triton import ENABLED, HAS_TRITON, tl, triton  # noqa: F401
+
+LOG2E = 1.4426950408889634
+
+
+def available(t: torch.Tensor, block_size: int = 16) -> bool:
+    """CUDA, Triton, and shapes the kernel takes: tensor-core dots need blocks and head dims of 16+, powers of 2."""
+    head_dim = t.shape[-1]
+    shapes_ok = all(n >= 16 and n & (n - 1) == 0 for n in (block_size, head_dim))
+    return ENABLED and HAS_TRITON and t.is_cuda and shapes_ok
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _attend_block(
+        acc, m_i, l_i, q,
+        k_ptr, v_ptr, table_row_ptr, kv_head,
+        stride_ks, stride_kh, stride_kb, stride_vs, stride_vh, stride_vb,
+        n_start, q_pos, total, qk_scale,
+        MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+        PRECISION: tl.constexpr, INTERP: tl.constexpr,
+    ):  # fmt: skip
+        """One BLOCK_N-key step of the online softmax. Unmasked steps read only keys every query row may
+        see (all below its sequence's length); masked steps drop keys past the length and above the
+        diagonal."""
+        pos = n_start + tl.arange(0, BLOCK_N)
+        dims = tl.arange(0, HEAD_DIM)
+        if MASKED:
+            in_seq = pos < total
+            block = tl.load(table_row_ptr + pos // BLOCK_SIZE, mask=in_seq, other=0).to(tl.int64)
+        else:
+            block = tl.load(table_row_ptr + pos // BLOCK_SIZE).to(tl.int64)
+        offset = pos % BLOCK_SIZE
+        k_rows = block * stride_kb + offset * stride_ks + kv_head * stride_kh
+        v_rows = block * stride_vb + offset * stride_vs + kv_head * stride_vh
+        if MASKED:
+            k = tl.load(k_ptr + k_rows[:, None] + dims[None, :], mask=in_seq[:, None], other=0.0)
+            v = tl.load(v_ptr + v_rows[:, None] + dims[None, :], mask=in_seq[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptr + k_rows[:, None] + dims[None, :])
+            v = tl.load(v_ptr + v_rows[:, None] + dims[None, :])
+        if INTERP:  # the interpreter's bf16 dots are wrong: the same products in fp32
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32)
+        s = s * qk_scale  # log2 units
+        if MASKED:
+            s = tl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
+        # every row has seen a visible key by its first masked step (see _prefill_kernel), so m_new is finite
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if INTERP:
+            pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
+        else:
+            pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
+        acc = acc * alpha[:, None] + pv
+        return acc, m_new, l_i
+
+    @triton.jit
+    def _prefill_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, cu_ptr, ctx_ptr,
+        qk_scale,
+        stride_qt, stride_qh,
+        stride_kb, stride_ks, stride_kh,
+        stride_vb, stride_vs, stride_vh,
+        stride_ot, stride_oh,
+        stride_tb,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, INTERP: tl.constexpr,
+    ):  # fmt: skip
+        # longest query blocks (the last ones, most keys) first: better tail balance under causality
+        m_block = tl.num_programs(0) - 1 - tl.program_id(0)
+        head = tl.program_id(1)
+        seq = tl.program_id(2)
+        q_start = tl.load(cu_ptr + seq).to(tl.int32)
+        q_len = tl.load(cu_ptr + seq + 1).to(tl.int32) - q_start
+        m_start = m_block * BLOCK_M
+        if m_start >= q_len:
+            return
+        ctx = tl.load(ctx_ptr + seq).to(tl.int32)
+        total = ctx + q_len
+        kv_head = head // GROUP
+
+        rows = m_start + tl.arange(0, BLOCK_M)
+        row_ok = rows < q_len
+        q_pos = ctx + rows  # absolute position; rows past the chunk compute garbage nobody stores
+        dims = tl.arange(0, HEAD_DIM)
+        tok = (q_start + rows).to(tl.int64)
+        q = tl.load(q_ptr + tok[:, None] * stride_qt + head * stride_qh + dims[None, :],
+                    mask=row_ok[:, None], other=0.0)  # fmt: skip
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        table_row_ptr = tables_ptr + seq.to(tl.int64) * stride_tb
+
+        # Keys 0..ctx + m_start are visible to every row of this block (and all lie inside the sequence):
+        # whole BLOCK_N steps of them need no mask. Non-empty whenever the masked part's first key is past
+        # ctx + m_start, so every row meets a visible key before or in its first masked step.
+        full_end = ((ctx + m_start + 1) // BLOCK_N) * BLOCK_N
+        # the last row of the block sees up to ctx + m_start + BLOCK_M - 1; nothing at or past `total`
+        hi = tl.minimum(total, ctx + m_start + BLOCK_M)
+        if INTERP:  # the interpreter can't take a runtime `range` bound
+            n_start = 0
+            while n_start < full_end:
+                acc, m_i, l_i = _attend_block(
+                    acc, m_i, l_i, q, k_ptr, v_ptr, table_row_ptr, kv_head,
+                    stride_ks, stride_kh, stride_kb, stride_vs, stride_vh, stride_vb,
+                    n_start, q_pos, total, qk_scale,
+                    False, BLOCK_N, BLOCK_SIZE, HEAD_DIM, PRECISION, INTERP,
+                )  # fmt: skip
+                n_start += BLOCK_N
+            while n_start < hi:
+                acc, m_i, l_i = _attend_block(
+                    acc, m_i, l_i, q, k_ptr, v_ptr, table_row_ptr, kv_head,
+                    stride_ks, stride_kh, stride_kb, stride_vs, stride_vh, stride_vb,
+                    n_start, q_pos, total, qk_scale,
+                    True, BLOCK_N, BLOCK_SIZE, HEAD_DIM, PRECISION, INTERP,
+                )  # fmt: skip
+                n_start += BLOCK_N
+        else:
+            for n_start in range(0, full_end, BLOCK_N):
+                acc, m_i, l_i = _attend_block(
+                    acc, m_i, l_i, q, k_ptr, v_ptr, table_row_ptr, kv_head,
+                    stride_ks, stride_kh, stride_kb, stride_vs, stride_vh, stride_vb,
+                    n_start, q_pos, total, qk_scale,
+                    False, BLOCK_N, BLOCK_SIZE, HEAD_DIM, PRECISION, INTERP,
+                )  # fmt: skip
+            for n_start in range(full_end, hi, BLOCK_N):
+                acc, m_i, l_i = _attend_block(
+                    acc, m_i, l_i, q, k_ptr, v_ptr, table_row_ptr, kv_head,
+                    stride_ks, stride_kh, stride_kb, stride_vs, stride_vh, stride_vb,
+                    n_start, q_pos, total, qk_scale,
+                    True, BLOCK_N, BLOCK_SIZE, HEAD_DIM, PRECISION, INTERP,
+                )  # fmt: skip
+
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + tok[:, None] * stride_ot + head * stride_oh + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])  # fmt: skip
+
+
+def default_config(max_query_len: int, head_dim: int, dtype: torch.dtype, block_size: int) -> dict:
+    """BLOCK_M, BLOCK_N, num_warps, num_stages for the launch (untuned guesses for Hopper; the benchmark
+    sweeps alternatives). Short chunks get small query blocks so padding rows stay few."""
+    wide = dtype == torch.float32 or head_dim > 128  # 4-byte elements / wide heads: halve the tiles
+    block_m = 64 if wide else 128
+    block_m = min(block_m, max(16, triton.next_power_of_2(max(1, max_query_len))))
+    block_n = 32 if wide else 64
+    block_n = max(block_n, block_size)
+    num_warps = 8 if block_m >= 128 else 4
+    num_stages = 2 if wide else 3
+    return {"block_m": block_m, "block_n": block_n, "num_warps": num_warps, "num_stages": num_stages}
+
+
+def paged_prefill_attention(
+    query: torch.Tensor,  # [T, H, D] packed new tokens of S sequences
+    key_cache: torch.Tensor,  # [blocks, block_size, KVH, D], already holding the new tokens
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [S, W] int block ids
+    cu_query_lens: torch.Tensor,  # int [S + 1] on the device: new tokens' offsets in `query`
+    context_lens: torch.Tensor,  # int [S] on the device: tokens cached before this chunk
+    max_query_len: int,  # host int, at least the longest chunk (sizes the grid; rows past it stay unwritten)
+    scale: float,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of each new token over its sequence's cached keys 0..context + i; [T, H, D].
+
+    Any int dtype for block_tables / cu_query_lens / context_lens (loaded as is, no conversion kernel);
+    the caches must have the query's dtype (the engine allocates them in the model dtype).
+    The keyword arguments override the launch configuration (default_config) for tuning.
+    """
+    T, H, D = query.shape
+    block_size, kv_heads = key_cache.shape[1], key_cache.shape[2]
+    if H % kv_heads:
+        raise ValueError(f"{H} query heads do not group over {kv_heads} KV heads")
+    S = cu_query_lens.shape[0] - 1  # block_tables may carry extra (padding) rows
+    out = torch.empty(T, H, D, dtype=query.dtype, device=query.device)
+    if T == 0 or S == 0 or max_query_len <= 0:
+        return out
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    if key_cache.dtype != query.dtype or value_cache.dtype != query.dtype:
+        raise ValueError(f"KV cache dtype {key_cache.dtype} differs from the query's {query.dtype}")
+    if key_cache.stride(-1) != 1 or value_cache.stride(-1) != 1:
+        raise ValueError("the KV caches must be contiguous along head_dim")
+    if block_tables.stride(-1) != 1:
+        block_tables = block_tables.contiguous()
+    cfg = default_config(max_query_len, D, query.dtype, block_size)
+    block_m = block_m or cfg["block_m"]
+    block_n = block_n or cfg["block_n"]
+    if block_n % block_size:
+        raise ValueError(f"BLOCK_N={block_n} must be a multiple of the cache block size {block_size}")
+    grid = (triton.cdiv(max_query_len, block_m), H, S)
+    _prefill_kernel[grid](
+        query, key_cache, value_cache, out, block_tables, cu_query_lens, context_lens,
+        float(scale) * LOG2E,
+        query.stride(0), query.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        out.stride(0), out.stride(1),
+        block_tables.stride(0),
+        GROUP=H // kv_heads, HEAD_DIM=D, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 stays exact; bf16 ignores it
+        INTERP=not query.is_cuda,  # CPU tensors only reach here under TRITON_INTERPRET=1
+        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
+    )  # fmt: skip
+    return out
+
+
+# GPU timing ---------------------------------------------------------------------------------------------
+
+
+def prefill_flops(chunk: int, context: int, heads: int, head_dim: int) -> int:
+    """Useful FLOPs of one sequence's chunk: QK^T and PV over the keys each token sees (2 x 2 x H x D each)."""
+    keys_seen = chunk * context + chunk * (chunk + 1) // 2
+    return 4 * heads * head_dim * keys_seen
+
+
+def bench_prefill_attention(
+    chunk: int = 8192,
+    context=(0, 8192, 24576),
+    heads: int = 40,
+    kv_heads: int = 8,
+    head_dim: int = 128,
+    block_size: int = 16,
+    dtype: torch.dtype = torch.bfloat16,
+    configs=(None, (128, 128, 8, 3), (128, 64, 8, 2), (128, 32, 8, 4), (64, 64, 4, 3), (64, 128, 8, 3)),
+    reference: bool = True,
+    reps: int = 10,
+    device: str = "cuda",
+    verbose: bool = True,
+) -> list[dict]:
+    """ms per call and achieved TFLOP/s of paged_prefill_attention for one sequence's `chunk` new tokens on
+    top of each `context` length (12B shapes by default: 40 heads over 8 KV heads, head_dim 128, block 16),
+    for each launch config (BLOCK_M, BLOCK_N, num_warps, num_stages; None = default_config), and of the
+    torch path in kernels/attention.py (`torch_ms`, `torch_tflops`; context 0 takes its SDPA-causal
+    branch). Block tables are a random permutation of the pool, as after churn. Each row also carries the
+    largest |difference| from the torch path. Median of `reps` CUDA-event timed calls after a warm-up.
+    """
+    import statistics
+
+    from glimpse.kernels.attention import paged_attention
+
+    def time_ms(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    g = torch.Generator(device=device).manual_seed(0)
+    scale = head_dim**-0.5
+    rows = []
+    for ctx in context:
+        total = ctx + chunk
+        num_blocks = -(-total // block_size) + 8
+        pool_shape = (num_blocks, block_size, kv_heads, head_dim)
+        key_cache = torch.randn(pool_shape, device=device, generator=g).to(dtype)
+        value_cache = torch.randn(pool_shape, device=device, generator=g).to(dtype)
+        perm = torch.randperm(num_blocks, device=device, generator=g)
+        tables = perm[: -(-total // block_size)][None, :].to(torch.int64)
+        query = torch.randn(chunk, heads, head_dim, device=device, generator=g).to(dtype)
+        pos = torch.arange(ctx, total, device=device)
+        slots = tables[0, pos // block_size] * block_size + pos % block_size
+        key = key_cache.view(-1, kv_heads, head_dim)[slots]
+        value = value_cache.view(-1, kv_heads, head_dim)[slots]
+        cu = torch.tensor([0, chunk], dtype=torch.int32, device=device)
+        ctx_t = torch.tensor([ctx], dtype=torch.int32, device=device)
+        flops = prefill_flops(chunk, ctx, heads, head_dim)
+        label = str(dtype).removeprefix("torch.")
+        row = {"chunk": chunk, "context": ctx, "dtype": label, "gflop": flops / 1e9}
+        expect = None
+        if reference:
+
+            def torch_path(q=query, kc=key_cache, vc=value_cache, tables=tables, ctx=ctx, k=key, v=value):
+                return paged_attention(q, kc, vc, tables, [chunk], [ctx], scale, k, v)
+
+            try:
+                expect = torch_path()
+                row["torch_ms"] = time_ms(torch_path)
+                row["torch_tflops"] = flops / (row["torch_ms"] * 1e-3) / 1e12
+            except torch.cuda.OutOfMemoryError as e:  # its gathered keys and dense mask may not fit
+                row["torch_error"] = f"OutOfMemoryError: {str(e)[:120]}"
+                torch.cuda.empty_cache()
+        for cfg in configs:
+            kw = {} if cfg is None else dict(zip(("block_m", "block_n", "num_warps", "num_stages"), cfg))
+            name = "triton" if cfg is None else "triton_m{}_n{}_w{}_s{}".format(*cfg)
+
+            def call(kw=kw, query=query, key_cache=key_cache, value_cache=value_cache, tables=tables,
+                     cu=cu, ctx_t=ctx_t):  # fmt: skip
+                return paged_prefill_attention(
+                    query, key_cache, value_cache, tables, cu, ctx_t, chunk, scale, **kw
+                )
+
+            try:
+                out = call()
+                ms = time_ms(call)
+            except Exception as e:  # a config that does not fit (shared memory) is reported, not fatal
+                row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:120]}"
+                continue
+            row[f"{name}_ms"] = ms
+            row[f"{name}_tflops"] = flops / (ms * 1e-3) / 1e12
+            if expect is not None:
+                row[f"{name}_max_diff"] = (out.float() - expect.float()).abs().max().item()
+        if "torch_ms" in row and "triton_ms" in row:
+            row["speedup"] = row["torch_ms"] / row["triton_ms"]
+        if verbose:
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        rows.append(row)
+        del key_cache, value_cache, query, key, value, expect
+        torch.cuda.empty_cache()
+    return rows
+
+
+if __name__ == "__main__":  # pragma: no cover - needs a GPU
+    bench_prefill_attention()
