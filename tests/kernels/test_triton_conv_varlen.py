@@ -63,7 +63,8 @@ def _problem(lens, channels, kernel, dtype, state_dtype, has_bias, strided, seed
         cu.append(cu[-1] + n)
     total, num_seqs = cu[-1], len(lens)
     pad = 8 if strided else 0  # x as a column slice of a wider tensor, like in_proj's split
-    x = torch.randn(total, channels + 2 * pad, generator=g).to(dtype)[:, pad : pad + channels]
+    # sliced on the device: moving a sliced tensor with .to() would make it contiguous
+    x_wide = torch.randn(total, channels + 2 * pad, generator=g).to(dtype).to(DEVICE)
     weight = (torch.randn(channels, kernel, generator=g) * 0.5).to(dtype)
     bias = torch.randn(channels, generator=g).to(dtype) if has_bias else None
     num_slots = 2 * num_seqs + 1
@@ -72,7 +73,7 @@ def _problem(lens, channels, kernel, dtype, state_dtype, has_bias, strided, seed
     if init is None:
         init = (torch.rand(num_seqs, generator=g) < 0.6).tolist()
     dev = {
-        "x": x.to(DEVICE),
+        "x": x_wide[:, pad : pad + channels],
         "weight": weight.to(DEVICE),
         "bias": None if bias is None else bias.to(DEVICE),
         "conv_state": pool.to(DEVICE),

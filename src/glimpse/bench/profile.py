@@ -130,6 +130,47 @@ def profile_vision(device: torch.device, batch: int = 64, size: int = 512, varia
     return "\n".join(lines) + "\n== vision eager kernels\n" + table
 
 
+GEMV_SHAPES = {  # (in, out) of the 12B's decode matmuls
+    "mamba.in_proj": (5120, 22656), "mamba.out_proj": (10240, 5120), "mlp.up": (5120, 20480),
+    "mlp.down": (20480, 5120), "attn.q": (5120, 5120), "attn.kv": (5120, 1024), "attn.o": (5120, 5120),
+    "lm_head": (5120, 131072),
+}  # fmt: skip
+
+
+def profile_gemv(device: torch.device, rows=(1, 64), bandwidth: float | None = None) -> str:
+    """Each decode matmul alone at M rows, replayed from a CUDA graph (weights cycled through copies so
+    L2 holds none): time per call and weight bytes / time, for F.linear and, at M = 1, torch.mv."""
+    import torch.nn.functional as F
+
+    bandwidth = bandwidth or floors.measure_bandwidth(device)
+    lines = [f"copy bandwidth {bandwidth / 1e9:.0f} GB/s"]
+    for name, (k, n) in GEMV_SHAPES.items():
+        copies = max(2, int(200e6 // (k * n * 2)) + 1)
+        ws = [torch.randn(n, k, device=device, dtype=torch.bfloat16) for _ in range(copies)]
+        for m in rows:
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            ops = {"linear": lambda w, x=x: F.linear(x, w)}
+            if m == 1:
+                ops["mv"] = lambda w, x=x: torch.mv(w, x[0])
+            for label, op in ops.items():
+                for w in ws:
+                    op(w)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for _ in range(4):
+                        for w in ws:
+                            op(w)
+                calls = 4 * copies
+                seconds, _ = floors.median_seconds(graph.replay, device, 10)
+                per = seconds / calls
+                gbps = k * n * 2 / per / 1e9
+                lines.append(f"{name:15s} M={m:<3d} {label:6s} {per * 1e6:8.1f} us  {gbps:7.0f} GB/s  "
+                             f"{100 * gbps * 1e9 / bandwidth:5.1f}% of copy bandwidth")  # fmt: skip
+                print(lines[-1], flush=True)
+        del ws
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     from glimpse.bench.random_model import random_model
 
@@ -142,12 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="eager,graphs")
     ap.add_argument("--prefill", default="4096", help="comma list of prefill lengths ('' for none)")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--gemv", action="store_true", help="time each decode matmul alone (M = 1 and 64)")
     ap.add_argument("--vision", default="", help="comma list of ViT variants to time: eager,compile,gelu-epilogue")
     ap.add_argument("--out", type=Path, default=None, help="also write the tables here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     texts = []
+    if args.gemv:
+        texts.append(profile_gemv(device))
     if args.vision:
         texts.append(profile_vision(device, variants=args.vision))
         print(texts[-1], flush=True)
