@@ -85,49 +85,46 @@ def profile_prefill(ctx: BenchContext, length: int) -> str:
         engine.close()
 
 
-def profile_vision(device: torch.device, batch: int = 64, size: int = 512, variants: str = "eager") -> str:
-    """The ViT-H/16 on `batch` tiles: a kernel table of one forward, and the time of each variant
-    (eager; compile = torch.compile per block; gelu-epilogue = fc1 + tanh-GELU in one cuBLASLt call)."""
+def profile_vision(device: torch.device, batch: int = 64, size: int = 512, variants: str = "default") -> str:
+    """The ViT-H/16 on `batch` tiles: the time of each variant and a kernel table of the default one.
+    Variants: default (the module settings), native (no head-dim padding, exact GELU), gelu (the GELU
+    epilogue only), pad (padding only), pad-flash / pad-cudnn / pad-efficient (padding, one SDPA backend)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     from glimpse.model import radio
     from glimpse.model.radio import RadioConfig, RadioViT
 
     vit = RadioViT(RadioConfig()).to(device, torch.bfloat16).eval()
     pixels = torch.randn(batch, 3, size, size, device=device, dtype=torch.bfloat16)
     lines = []
-
-    def timed(label: str) -> None:
-        with torch.inference_mode():
-            for _ in range(2):
-                vit(pixels)
-            seconds, _ = floors.median_seconds(lambda: vit(pixels), device, 5)
-        lines.append(f"vision {label}: {seconds * 1e3:.1f} ms per {batch} tiles, {batch / seconds:.1f} tiles/s")
+    saved = (radio.VIT_ATTENTION, radio.GELU_EPILOGUE)
+    settings = {"default": saved, "native": ("native", False), "gelu": ("native", True), "pad": ("pad", False)}
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION}  # fmt: skip
+    for variant in variants.split(","):
+        name, _, backend = variant.partition("-")
+        radio.VIT_ATTENTION, radio.GELU_EPILOGUE = settings.get(name, saved)
+        try:
+            with torch.inference_mode(), sdpa_kernel(backends[backend]) if backend else _nullcontext():
+                for _ in range(2):
+                    vit(pixels)
+                seconds, _ = floors.median_seconds(lambda: vit(pixels), device, 5)
+            lines.append(f"vision {variant}: {seconds * 1e3:.1f} ms per {batch} tiles, {batch / seconds:.1f} tiles/s")
+        except RuntimeError as e:  # a backend that does not take these shapes
+            lines.append(f"vision {variant}: failed ({str(e).splitlines()[0][:120]})")
         print(lines[-1], flush=True)
-
-    timed("eager")
+    radio.VIT_ATTENTION, radio.GELU_EPILOGUE = saved
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.inference_mode(), torch.profiler.profile(activities=acts) as prof:
         vit(pixels)
         floors.sync(device)
-    table = _table(prof, 30)
-    original_mlp = radio.Mlp.forward
-    for variant in variants.split(","):
-        if variant == "gelu-epilogue":
+    return "\n".join(lines) + "\n== vision default kernels\n" + _table(prof, 20)
 
-            def fused(self, x):
-                h = torch._addmm_activation(self.fc1.bias, x.flatten(0, -2), self.fc1.weight.t(), use_gelu=True)
-                return self.fc2(h.view(*x.shape[:-1], -1))
 
-            radio.Mlp.forward = fused
-            timed(variant)
-            radio.Mlp.forward = original_mlp
-        elif variant == "compile":
-            blocks = list(vit.blocks)
-            for i, b in enumerate(blocks):
-                vit.blocks[i] = torch.compile(b, dynamic=False)
-            timed(variant)
-            for i, b in enumerate(blocks):
-                vit.blocks[i] = b
-    return "\n".join(lines) + "\n== vision eager kernels\n" + table
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 GEMV_SHAPES = {  # (in, out) of the 12B's decode matmuls

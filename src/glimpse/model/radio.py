@@ -46,6 +46,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -492,6 +493,17 @@ class PatchGenerator(nn.Module):
         return torch.cat([prefix, x], dim=1)
 
 
+# How the GPU runs the ViT's attention when head_dim is not a tensor-core-friendly size (ViT-H: 80).
+# "pad": zero-pad q, k, v to the next multiple of 64 (the softmax scale stays head_dim ** -0.5, padded
+# dims add 0 to every score and the padded output columns are dropped): on an H100 the padded cuDNN
+# kernel beats the native head_dim-80 one. "native": SDPA as is. Env GLIMPSE_VIT_ATTENTION overrides.
+VIT_ATTENTION = os.environ.get("GLIMPSE_VIT_ATTENTION", "pad")
+# fc1 + GELU as one cuBLASLt call on CUDA in 16-bit dtypes (the tanh form of GELU, which the epilogue
+# computes; it differs from the exact erf GELU by < 5e-4, under one bf16 ulp of the activations). The
+# CPU and fp32 paths keep the exact GELU the parity tests compare. Env GLIMPSE_VIT_GELU_EPILOGUE=0: off.
+GELU_EPILOGUE = os.environ.get("GLIMPSE_VIT_GELU_EPILOGUE", "1") != "0"
+
+
 class Attention(nn.Module):
     """Bidirectional multi-head self-attention with a fused qkv projection (timm layout: q | k | v)."""
 
@@ -504,8 +516,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
-        q, k, v = self.qkv(x).view(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v)  # scale head_dim ** -0.5
+        qkv = self.qkv(x).view(n, t, 3, self.num_heads, self.head_dim)
+        padded = -(-self.head_dim // 64) * 64
+        if x.is_cuda and VIT_ATTENTION == "pad" and padded != self.head_dim:
+            qkv = F.pad(qkv, (0, padded - self.head_dim))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
+        out = out[..., : self.head_dim]
         return self.proj(out.transpose(1, 2).reshape(n, t, d))
 
 
@@ -516,6 +533,10 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.fc1.weight, self.fc1.bias
+        if GELU_EPILOGUE and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and b is not None:
+            h = torch._addmm_activation(b, x.reshape(-1, x.shape[-1]), w.t(), use_gelu=True)
+            return self.fc2(h.view(*x.shape[:-1], h.shape[-1]))
         return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as timm's nn.GELU
 
 
