@@ -113,11 +113,14 @@ def tile_image(
     return tiles
 
 
-def resize_square(image: Image.Image | np.ndarray, tile_size: int = TILE_SIZE) -> Image.Image:
-    """Squash a video frame to one tile_size² tile (no aspect fit, no thumbnail), PIL bicubic."""
+def resize_square(image: Image.Image | np.ndarray, tile_size: int = TILE_SIZE) -> Image.Image | np.ndarray:
+    """Squash a video frame to one tile_size² tile (no aspect fit, no thumbnail), PIL bicubic. A frame
+    array that is already tile-sized comes back as it is."""
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"a frame array must be HxWx3 uint8, got shape {image.shape} {image.dtype}")
+        if image.shape[:2] == (tile_size, tile_size):
+            return image  # already a tile: PIL's same-size resize would only copy it
         image = Image.fromarray(np.ascontiguousarray(image))
     return _to_rgb(image).resize((tile_size, tile_size), Image.Resampling.BICUBIC)
 

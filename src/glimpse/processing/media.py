@@ -77,8 +77,9 @@ class MediaPolicy:
         )
 
 
-def content_hash(data: bytes) -> str:
-    """sha256 hex of media bytes: the key of the encoder and prefix caches."""
+def content_hash(data) -> str:
+    """sha256 hex of media bytes (bytes or any C-contiguous buffer, e.g. a numpy array, hashed in place):
+    the key of the encoder and prefix caches."""
     return hashlib.sha256(data).hexdigest()
 
 

@@ -83,11 +83,10 @@ class MediaOptions:
 
 
 def _to_uint8_chw(images: list) -> torch.Tensor:
-    return (
-        torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images]))
-        .permute(0, 3, 1, 2)
-        .contiguous()
-    )
+    """[N, 3, H, W] uint8 as a channels-last view of one stacked [N, H, W, 3] buffer: no transposing copy
+    on the host (moving it to the GPU keeps the strides; the normalisation there reads it as it is)."""
+    arrays = [im if isinstance(im, np.ndarray) else np.asarray(im.convert("RGB")) for im in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
 class MediaBuilder:
@@ -119,7 +118,7 @@ class MediaBuilder:
     def _image_item(self, img, page: int | None = None) -> ImageItem:
         tiles = tile_image(img, self.options.max_num_tiles, self.cfg.force_image_size, self.cfg.use_thumbnail)
         u8 = _to_uint8_chw(tiles)
-        key = f"image:{content_hash(u8.numpy().tobytes())}"
+        key = f"image:{content_hash(u8.permute(0, 2, 3, 1).numpy())}"
         return ImageItem(u8, key, page)
 
     def add_pdf(self, data: bytes) -> str:
@@ -141,7 +140,7 @@ class MediaBuilder:
             )  # fmt: skip
         frames = [resize_square(f, size) for f in clip.frames]
         u8 = _to_uint8_chw(frames)
-        key = f"video:{content_hash(u8.numpy().tobytes())}"
+        key = f"video:{content_hash(u8.permute(0, 2, 3, 1).numpy())}"  # the stacked buffer, not a copy
         self.items.append(VideoItem(clip, u8, key, o.pruning_rate))
         return _MARKER.format(len(self.items) - 1)
 
