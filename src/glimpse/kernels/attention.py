@@ -44,11 +44,13 @@ def paged_attention(
             )
         return _decode_attention(query, key_cache, value_cache, block_tables, context_lens, scale)
     block_size = key_cache.shape[1]
-    # Chunks that continue from cached KV (a later chunk of a long prompt, a prefix-cache hit): one Triton
-    # kernel over the paged cache for the whole batch. Fresh prompts keep SDPA's causal flash path.
+    # On the GPU every prompt chunk, fresh or continuing from cached KV (a later chunk of a long prompt, a
+    # prefix-cache hit), goes through one Triton kernel over the paged cache for the whole batch. Not SDPA:
+    # its fastest (cuDNN) kernel builds a plan for every new sequence length, 80 ms to 1 s on an H100 the
+    # first time a length is seen, which a server pays on most prompts; FlashAttention-2 was slower than
+    # the Triton kernel at 8k tokens (docs/PERFORMANCE.md).
     if (
         prefill_tensors is not None
-        and any(c > 0 for c in context_lens)
         and key_cache.dtype == query.dtype
         and triton_prefill_attention.available(query, block_size)
     ):
