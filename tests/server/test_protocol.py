@@ -793,3 +793,18 @@ def test_real_openai_client_round_trip():
     assert sent.prompts() == [[1, 2, 3]]
     assert (sent.to_sampling_params().max_tokens, sent.to_sampling_params().logprobs, sent.n) == (4, 2, 2)
     assert done.choices[0].text == " upon" and done.object == "text_completion"
+
+
+def test_sse_event_is_one_line_for_any_generated_text():
+    """Generated text may hold U+2028, U+2029 or U+0085, which JSON leaves raw but line readers such as
+    str.splitlines (httpx's aiter_lines) split at; the event must survive any such reader intact."""
+    import json
+
+    from glimpse.server.serving_completions import sse
+
+    text = "a\u2028b\u2029c\x85d\u00e9\n\r\t\x1c"
+    event = sse({"choices": [{"delta": {"content": text}}]})
+    assert event.endswith("\n\n")
+    lines = event[: -2].splitlines()
+    assert len(lines) == 1 and lines[0].startswith("data: ")
+    assert json.loads(lines[0][6:])["choices"][0]["delta"]["content"] == text

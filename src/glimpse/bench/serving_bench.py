@@ -163,6 +163,19 @@ def video_bytes(rng: np.random.Generator, frames: int, width: int, height: int, 
     return buf.getvalue()
 
 
+async def _sse_lines(resp):
+    """Lines of an event stream split at \\n only, as the SSE format says (httpx's aiter_lines also splits
+    at U+2028 and friends, which may sit raw inside a JSON string)."""
+    buf = ""
+    async for text in resp.aiter_text():
+        buf += text
+        *lines, buf = buf.split("\n")
+        for line in lines:
+            yield line.rstrip("\r")
+    if buf:
+        yield buf
+
+
 def _data_uri(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
@@ -226,7 +239,7 @@ async def _one(client, url: str, kind: str, body: bytes) -> RequestResult:
                 text = (await resp.aread()).decode(errors="replace")
                 return RequestResult(kind, False, latency_s=time.perf_counter() - t0,
                                      error=f"HTTP {resp.status_code}: {text[:300]}")  # fmt: skip
-            async for line in resp.aiter_lines():
+            async for line in _sse_lines(resp):
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()

@@ -18,6 +18,7 @@ from array import array
 from collections import OrderedDict
 
 MIN_MEDIA_TOKENS_FOR_SNAPSHOT = 64
+MAX_MEDIA_SNAPSHOTS = 2
 
 
 def prompt_block_hashes(token_ids: list[int], media_spans, block_size: int) -> list[bytes]:
@@ -36,17 +37,34 @@ def prompt_block_hashes(token_ids: list[int], media_spans, block_size: int) -> l
     return out
 
 
+def _media_item(span) -> str:
+    """Which media item a span belongs to: a video's frames are one span each but one item."""
+    key = span.content_hash or ""
+    return ":".join(key.split(":")[:2]) if key.startswith("video:") else key
+
+
 def snapshot_points(num_prompt_tokens: int, media_spans, block_size: int) -> set[int]:
-    """Token counts after which the Mamba state is worth keeping (block boundaries before the prompt's end)."""
+    """Token counts after which the Mamba state is worth keeping (block boundaries before the prompt's end):
+    the prompt's last full block, and the end of each of the last MAX_MEDIA_SNAPSHOTS media items (a video
+    counts once, after its last frame). Each point ends a prompt chunk, so they are kept few: a point per
+    video frame made a 32-frame prompt take 32 engine steps."""
     points = set()
     last = (num_prompt_tokens - 1) // block_size * block_size
     if last > 0:
         points.add(last)
+    ends: dict[str, int] = {}  # item -> end of its last span, in prompt order
+    sizes: dict[str, int] = {}
     for span in media_spans:
-        if span.length >= MIN_MEDIA_TOKENS_FOR_SNAPSHOT:
-            b = span.end // block_size * block_size
-            if span.start < b < num_prompt_tokens:
-                points.add(b)
+        item = _media_item(span)
+        ends[item] = max(ends.get(item, 0), span.end)
+        sizes[item] = sizes.get(item, 0) + span.length
+        first = ends.pop(item)  # re-insert: dict order follows each item's last span
+        ends[item] = first
+    big = [end for item, end in ends.items() if sizes[item] >= MIN_MEDIA_TOKENS_FOR_SNAPSHOT]
+    for end in big[-MAX_MEDIA_SNAPSHOTS:]:
+        b = end // block_size * block_size
+        if 0 < b < num_prompt_tokens:
+            points.add(b)
     return points
 
 

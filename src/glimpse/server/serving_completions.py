@@ -81,13 +81,19 @@ class ServingContext:
         return self.llm.engine.tokenizer
 
 
+# Characters JSON leaves raw that many line readers (Python's str.splitlines, httpx's aiter_lines) treat as
+# line ends: a generated U+2028 would cut the event in two for such a client. Escaped, the JSON is the same.
+_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
 def sse(data: Any) -> str:
     """One server-sent event; `data` is a response model, a dict, or the final "[DONE]"."""
     if isinstance(data, str):
         return f"data: {data}\n\n"
     if hasattr(data, "model_dump"):
         data = data.model_dump()
-    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKS)
+    return f"data: {text}\n\n"
 
 
 def error_event(exc: GlimpseError) -> str:
