@@ -13,17 +13,8 @@ import torch
 
 from glimpse.kernels.ssd import ssd_chunk_scan_varlen as reference
 from glimpse.kernels.ssd_vectorized import bench_ssd, ssd_chunk_scan_varlen_vectorized
+from tests.kernels.fixtures import _one_thread  # noqa: F401  (autouse: one CPU thread)
 from tests.kernels.ssd_inputs import ssd_inputs
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only contend on shared cores (20x slower here with 2 threads)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
 
 BF16_ULP = 2.0**-7  # one bf16 rounding changes a value by at most 2^-8 of it; two (either side) by 2^-7
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from glimpse.kernels.causal_conv1d import causal_conv1d_varlen as ref_varlen
+from tests.kernels.fixtures import _one_thread  # noqa: F401  (autouse: one CPU thread)
 from tests.kernels.triton_device import triton_test_device  # noqa: E402
 
 DEVICE = triton_test_device()
@@ -29,15 +30,6 @@ DEVICE = triton_test_device()
 from glimpse.kernels import triton_conv  # noqa: E402
 
 BF16_ULP = 2.0**-7
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only contend on shared cores."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.kernels.fixtures import _one_thread  # noqa: F401  (autouse: one CPU thread)
 from tests.kernels.ssd_inputs import ssd_inputs
 from tests.kernels.triton_device import triton_test_device  # noqa: E402
 
@@ -28,15 +29,6 @@ from glimpse.kernels.ssd import ssd_chunk_scan_varlen as reference  # noqa: E402
 from glimpse.kernels.ssd_vectorized import ssd_chunk_scan_varlen_vectorized  # noqa: E402
 
 TIGHT, LOOSE = 1e-4, 2e-2
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only contend on shared cores."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:

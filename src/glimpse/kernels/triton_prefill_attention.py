@@ -22,15 +22,9 @@ from __future__ import annotations
 import torch
 
 from glimpse.kernels._triton import ENABLED, HAS_TRITON, tl, triton  # noqa: F401
+from glimpse.kernels.triton_attention import available  # noqa: F401  (the same shape rule as decode)
 
 LOG2E = 1.4426950408889634
-
-
-def available(t: torch.Tensor, block_size: int = 16) -> bool:
-    """CUDA, Triton, and shapes the kernel takes: tensor-core dots need blocks and head dims of 16+, powers of 2."""
-    head_dim = t.shape[-1]
-    shapes_ok = all(n >= 16 and n & (n - 1) == 0 for n in (block_size, head_dim))
-    return ENABLED and HAS_TRITON and t.is_cuda and shapes_ok
 
 
 if HAS_TRITON:
