@@ -9,7 +9,9 @@ prefill floor = FLOPs / measured bf16 matrix rate:
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -85,3 +87,26 @@ def prefill_flops(model: torch.nn.Module, config: NemotronHConfig, tokens: int) 
         config.num_attention_layers * 2 * tokens * tokens * config.num_attention_heads * config.head_dim
     )
     return linear + attention
+
+
+def time_graph(calls: list[Callable[[], object]], reps: int = 20, warmup: int = 3) -> float:
+    """Median ms per call: the calls captured once in a CUDA graph, the graph replayed `reps` times."""
+    for c in calls:  # compile and warm outside the capture
+        c()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    for _ in range(warmup):
+        graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return statistics.median(times) / len(calls)

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from glimpse.bench.floors import time_graph
+
 SHAPES_12B = {"heads": 128, "head_dim": 80, "state": 128, "groups": 8, "conv_kernel": 4}
 SET_BYTES = 320 << 20  # aim for this much state over all sets (L2 is 50 MB on an H100)
 DEVICE = "cuda"
@@ -38,29 +40,6 @@ DEVICE = "cuda"
 
 def _events():
     return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-
-def time_graph(calls: list[Callable[[], object]], reps: int = 20, warmup: int = 3) -> float:
-    """Median ms per call: the calls captured once in a CUDA graph, the graph replayed `reps` times."""
-    for c in calls:  # compile and warm outside the capture
-        c()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    for _ in range(warmup):
-        graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = _events()
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    del graph
-    return statistics.median(times) / len(calls)
 
 
 def time_eager(calls: list[Callable[[], object]], reps: int = 5) -> float:

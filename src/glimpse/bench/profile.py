@@ -10,6 +10,7 @@ separate launch, so the table names them) and as CUDA-graph replays (the time th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def profile_vision(device: torch.device, batch: int = 64, size: int = 512, varia
         name, _, backend = variant.partition("-")
         radio.VIT_ATTENTION, radio.GELU_EPILOGUE = settings.get(name, saved)
         try:
-            with torch.inference_mode(), sdpa_kernel(backends[backend]) if backend else _nullcontext():
+            with torch.inference_mode(), sdpa_kernel(backends[backend]) if backend else contextlib.nullcontext():
                 for _ in range(2):
                     vit(pixels)
                 seconds, _ = floors.median_seconds(lambda: vit(pixels), device, 5)
@@ -119,12 +120,6 @@ def profile_vision(device: torch.device, batch: int = 64, size: int = 512, varia
         vit(pixels)
         floors.sync(device)
     return "\n".join(lines) + "\n== vision default kernels\n" + _table(prof, 20)
-
-
-def _nullcontext():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 GEMV_SHAPES = {  # (in, out) of the 12B's decode matmuls
@@ -150,16 +145,7 @@ def profile_gemv(device: torch.device, rows=(1, 64), bandwidth: float | None = N
             if m == 1:
                 ops["mv"] = lambda w, x=x: torch.mv(w, x[0])
             for label, op in ops.items():
-                for w in ws:
-                    op(w)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    for _ in range(4):
-                        for w in ws:
-                            op(w)
-                calls = 4 * copies
-                seconds, _ = floors.median_seconds(graph.replay, device, 10)
-                per = seconds / calls
+                per = floors.time_graph([lambda w=w, op=op: op(w) for w in ws] * 4, reps=10) / 1e3
                 gbps = k * n * 2 / per / 1e9
                 lines.append(f"{name:15s} M={m:<3d} {label:6s} {per * 1e6:8.1f} us  {gbps:7.0f} GB/s  "
                              f"{100 * gbps * 1e9 / bandwidth:5.1f}% of copy bandwidth")  # fmt: skip

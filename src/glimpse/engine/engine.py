@@ -29,7 +29,7 @@ from glimpse.engine.encoder_cache import EncoderCache
 from glimpse.engine.prefix_cache import PrefixCache, prompt_block_hashes, snapshot_points
 from glimpse.engine.request import PENDING_TOKEN, MediaSpan, Request, Sequence, SequenceStatus
 from glimpse.engine.runner import ModelRunner, PendingStep
-from glimpse.engine.sampler import SequenceSamplingState, make_generator
+from glimpse.engine.sampler import SequenceSamplingState, make_generator, needs_penalties
 from glimpse.engine.scheduler import Scheduler
 from glimpse.errors import InvalidRequestError
 from glimpse.outputs import CompletionOutput, Logprob, RequestOutput
@@ -396,20 +396,13 @@ class LLMEngine:
         """Sampling that needs nothing from the host about the previous token: no penalties (they count
         tokens), no grammar (it advances on the host), no logprob dicts, no forced test tokens."""
         p = seq.params
-        return (
-            seq.grammar is None
-            and p.logprobs is None
-            and p.forced_token_ids is None
-            and p.repetition_penalty == 1.0
-            and p.presence_penalty == 0.0
-            and p.frequency_penalty == 0.0
-        )
+        return seq.grammar is None and p.logprobs is None and p.forced_token_ids is None and not needs_penalties(p)
 
     def _async_step(self, sched) -> bool:
         chunks = sched.chunks
         if sched.preempted or not all(c.num_tokens == 1 and c.start > 0 and c.completes for c in chunks):
             return False
-        if self.runner.graphs is not None and not self.runner._graph_step(chunks):
+        if self.runner.graphs is not None and not self.runner.can_replay(chunks):
             return False
         if any(span.start <= c.start < span.end for c in chunks for span in c.seq.request.media_spans):
             return False

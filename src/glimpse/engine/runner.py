@@ -85,7 +85,7 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> tuple[list[Sequence], SamplerOutput | None]:
         """Run one step; returns the sequences that sampled a token and what they sampled."""
         chunks = sched.chunks
-        if self._graph_step(chunks):
+        if self.can_replay(chunks):
             seqs = [c.seq for c in chunks]
             logits = self.graphs.run(
                 [c.seq.token_at(c.start) for c in chunks], [c.seq.slot for c in chunks],
@@ -134,7 +134,7 @@ class ModelRunner:
             idx = torch.tensor([dst, src], dtype=torch.long)
             idx = idx.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else idx
             device_ids = (idx[0], prev.tokens.index_select(0, idx[1]))
-        if self._graph_step(chunks):
+        if self.can_replay(chunks):
             logits = self.graphs.run(
                 host_ids, [c.seq.slot for c in chunks], [c.seq.block_ids for c in chunks],
                 [c.start for c in chunks], device_ids=device_ids,
@@ -176,7 +176,7 @@ class ModelRunner:
             block_tables_cpu=tables,
         )
 
-    def _graph_step(self, chunks) -> bool:
+    def can_replay(self, chunks) -> bool:
         """A pure decode step (one new token each, every state already started) that a graph can run."""
         if self.graphs is None or not all(c.num_tokens == 1 and c.start > 0 for c in chunks):
             return False

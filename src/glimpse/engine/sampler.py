@@ -73,7 +73,7 @@ def make_generator(seed: int | None, child_index: int, device: torch.device | st
     return gen
 
 
-def _needs_penalties(params: SamplingParams) -> bool:
+def needs_penalties(params: SamplingParams) -> bool:
     return (
         params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
     )
@@ -279,7 +279,7 @@ def _process(
     eos_token_ids: Collection[int],
     allowed_token_mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    penalised = [i for i in rows if _needs_penalties(states[i].params)]
+    penalised = [i for i in rows if needs_penalties(states[i].params)]
     banning = any(len(states[i].output_token_ids) < states[i].params.min_tokens for i in rows)
     if not penalised and not banning and allowed_token_mask is None:
         return raw  # nothing to change: no copy of [B, V] (callers never write to it)

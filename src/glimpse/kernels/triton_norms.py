@@ -304,32 +304,9 @@ def gated_rms_norm(
 def _graph_ms(fn, reps: int = 50, calls: int = 20) -> float:
     """Median ms per call of `calls` back-to-back calls captured in a CUDA graph (launch gaps excluded,
     as in the engine's decode graphs)."""
-    import statistics
+    from glimpse.bench.floors import time_graph
 
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm the allocator on the capture stream
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    del graph
-    return statistics.median(times) / calls
+    return time_graph([fn] * calls, reps=reps)
 
 
 def bench_norms(
