@@ -8,7 +8,8 @@ import pytest
 
 from glimpse import SamplingParams
 from glimpse.engine.async_llm import AsyncLLM
-from glimpse.engine.engine import EngineConfig, LLMEngine
+from glimpse.engine.config import EngineConfig
+from glimpse.engine.engine import LLMEngine
 from glimpse.errors import InvalidRequestError
 
 

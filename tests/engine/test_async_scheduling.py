@@ -11,7 +11,8 @@ import random
 import pytest
 
 from glimpse import SamplingParams
-from glimpse.engine.engine import EngineConfig, LLMEngine
+from glimpse.engine.config import EngineConfig
+from glimpse.engine.engine import LLMEngine
 from glimpse.engine.request import PENDING_TOKEN
 
 

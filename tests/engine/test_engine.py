@@ -8,7 +8,8 @@ import random
 import pytest
 
 from glimpse import SamplingParams
-from glimpse.engine.engine import EngineConfig, LLMEngine
+from glimpse.engine.config import EngineConfig
+from glimpse.engine.engine import LLMEngine
 
 
 def make_engine(**kw) -> LLMEngine:

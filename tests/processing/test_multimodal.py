@@ -220,7 +220,8 @@ def test_bad_media_gives_clear_errors(llm, tmp_path):
 def test_a_long_video_is_encoded_a_group_at_a_time_between_other_work():
     """With a small token budget a 40-frame video (3 encoder groups) is encoded as its prompt chunks reach
     each group, while a text request keeps decoding; the tokens equal a run with one big step."""
-    from glimpse.engine.engine import EngineConfig, LLMEngine
+    from glimpse.engine.config import EngineConfig
+    from glimpse.engine.engine import LLMEngine
     from glimpse.processing.multimodal import FRAMES_PER_ENCODE
 
     frames = [np.asarray(image(64, 64, 100 + i)) for i in range(40)]

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from glimpse.bench import floors
-from glimpse.engine.engine import EngineConfig, LLMEngine
+from glimpse.engine.config import EngineConfig
+from glimpse.engine.engine import LLMEngine
 from glimpse.sampling_params import SamplingParams
 
 

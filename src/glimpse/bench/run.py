@@ -164,7 +164,7 @@ def _row(r: dict) -> str:
 
 def main(args: argparse.Namespace) -> int:
     from glimpse.bench import floors, llm_bench, vision_bench
-    from glimpse.engine.engine import EngineConfig
+    from glimpse.engine.config import EngineConfig
 
     probe = EngineConfig(model="-", device=args.device, dtype=args.dtype)
     device = probe.resolve_device()

@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from glimpse.engine.engine import EngineConfig, LLMEngine
+from glimpse.engine.config import EngineConfig
+from glimpse.engine.engine import LLMEngine
 from glimpse.errors import GlimpseError
 from glimpse.outputs import RequestOutput
 from glimpse.processing.inputs import ProcessedInput

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from glimpse.engine.cache import (
     kv_bytes_per_token,
     state_bytes_per_sequence,
 )
+from glimpse.engine.config import DTYPES, EngineConfig
 from glimpse.engine.detokenizer import IncrementalDetokenizer
 from glimpse.engine.encoder_cache import EncoderCache
 from glimpse.engine.prefix_cache import PrefixCache, prompt_block_hashes, snapshot_points
@@ -36,47 +36,6 @@ from glimpse.outputs import CompletionOutput, Logprob, RequestOutput
 from glimpse.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class EngineConfig:
-    model: str
-    dtype: str = "auto"
-    device: str = "auto"
-    max_model_len: int | None = None
-    max_num_batched_tokens: int = 8192
-    max_num_seqs: int = 256
-    enable_prefix_caching: bool = True
-    mamba_ssm_cache_dtype: str = "float32"
-    gpu_memory_utilization: float = 0.9
-    cache_memory_bytes: int | None = None
-    block_size: int = 16
-    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
-    # Launch each decode step before reading back the last one's tokens, so the host's work (scheduling,
-    # stop checks, detokenising, streaming) overlaps the GPU's. None: on with CUDA graphs.
-    async_scheduling: bool | None = None
-    encoder_cache_bytes: int | None = (
-        None  # vision embeddings kept for reuse (default 2 GiB GPU, 512 MiB CPU)
-    )
-    video_pruning_rate: float = 0.0
-    allowed_local_media_path: str | None = None
-    allow_private_media_urls: bool = True
-    seed: int = 0
-
-    def resolve_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
-
-    def resolve_dtype(self, device: torch.device) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be 'auto' or one of {list(_DTYPES)}, got {self.dtype!r}")
-        return _DTYPES[self.dtype]
-
 
 def _plan_memory(
     config: NemotronHConfig, cfg: EngineConfig, budget: int, dtype: torch.dtype, ssm_dtype: torch.dtype
@@ -118,7 +77,7 @@ class LLMEngine:
         self.dtype = cfg.resolve_dtype(self.device)
         if cfg.mamba_ssm_cache_dtype not in ("float32", "bfloat16"):
             raise ValueError("mamba_ssm_cache_dtype must be 'float32' or 'bfloat16'")
-        self.ssm_dtype = _DTYPES[cfg.mamba_ssm_cache_dtype]
+        self.ssm_dtype = DTYPES[cfg.mamba_ssm_cache_dtype]
         torch.manual_seed(cfg.seed)
         if model is None:
             self.model_dir: Path | None = resolve_model_path(cfg.model)
@@ -586,7 +545,7 @@ class LLMEngine:
         return self.cache.all_free()
 
 
-__all__ = ["LLMEngine", "EngineConfig", "Logprob", "SequenceStatus"]
+__all__ = ["LLMEngine", "Logprob", "SequenceStatus"]
 
 
 def _known_tokens(ids: list[int]) -> list[int]:

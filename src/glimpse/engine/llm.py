@@ -6,7 +6,8 @@ import itertools
 from collections.abc import Sequence as Seq
 from typing import Any
 
-from glimpse.engine.engine import EngineConfig, LLMEngine
+from glimpse.engine.config import EngineConfig
+from glimpse.engine.engine import LLMEngine
 from glimpse.outputs import RequestOutput
 from glimpse.sampling_params import SamplingParams
 

@@ -28,7 +28,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from glimpse.engine.async_llm import AsyncLLM
-from glimpse.engine.engine import EngineConfig, LLMEngine
+from glimpse.engine.config import EngineConfig
+from glimpse.engine.engine import LLMEngine
 from glimpse.errors import AuthenticationError, GlimpseError, InvalidRequestError
 from glimpse.server.args import ServerLimits
 from glimpse.server.metrics import CONTENT_TYPE, ServerMetrics
