@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 from glimpse.config import VLConfig
+from glimpse.config_radio import RadioConfig
 from glimpse.model.projector import Projector
-from glimpse.model.radio import RadioConfig, RadioViT
+from glimpse.model.radio import RadioViT
 from glimpse.tiny import (
     random_llm_state_dict,
     rename_llm,

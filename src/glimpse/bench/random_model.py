@@ -15,8 +15,8 @@ import math
 import torch
 
 from glimpse.config import NemotronHConfig, VLConfig
+from glimpse.config_radio import RadioConfig
 from glimpse.model.nemotron_h import NemotronHForCausalLM
-from glimpse.model.radio import RadioConfig
 
 PATTERN_12B = "M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-"
 

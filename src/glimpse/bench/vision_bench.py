@@ -29,7 +29,7 @@ import torch
 from glimpse.bench.floors import median_seconds as _median_seconds
 from glimpse.bench.floors import sync as _sync
 from glimpse.bench.llm_bench import BenchContext, _engine, _release
-from glimpse.model.radio import RadioConfig
+from glimpse.config_radio import RadioConfig
 from glimpse.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from glimpse.config import NemotronHConfig, VLConfig, read_config_json
+from glimpse.config_radio import RadioConfig
 from glimpse.model.batch import CacheTensors, ForwardBatch
 from glimpse.model.nemotron_h import NemotronHForCausalLM
 from glimpse.model.projector import Projector
-from glimpse.model.radio import RadioConfig
 from glimpse.model.vision import VisionTower
 
 # Checkpoint tensors the model knowingly does not use: pixels arrive normalised, the cls outputs are dropped.
