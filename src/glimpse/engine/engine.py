@@ -67,8 +67,7 @@ class LLMEngine:
     def __init__(self, cfg: EngineConfig, *, model: torch.nn.Module | None = None, tokenizer=None) -> None:
         """Load `cfg.model` (a checkpoint), or serve a prebuilt `model` with `tokenizer` (the benchmark's
         full-size random-weight model)."""
-        from glimpse.loader import resolve_model_path
-        from glimpse.model.loading import load_model
+        from glimpse.model.loading import load_model, resolve_model_path
         from glimpse.processing.inputs import InputProcessor
         from glimpse.processing.tokenizer import end_of_sequence_ids, load_tokenizer
 
