@@ -355,9 +355,9 @@ class _DecodeLog(logging.Handler):
 
 
 def _decode_sampled(path: Path, fps: float, num_frames: int, size: int) -> tuple[float, int, _DecodeLog]:
-    from glimpse.processing.video import decode_video
+    from glimpse.processing.video_decode import decode_video
 
-    logger = logging.getLogger("glimpse.processing.video")
+    logger = logging.getLogger("glimpse.processing.video_decode")
     handler, level, propagate = _DecodeLog(), logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)

@@ -25,7 +25,8 @@ from glimpse.processing.image import resize_square, tile_image
 from glimpse.processing.inputs import InputProcessor, ProcessedInput
 from glimpse.processing.media import MediaLimits, MediaPolicy, content_hash, fetch_bytes, load_image
 from glimpse.processing.pdf import render_pdf
-from glimpse.processing.video import VideoClip, clip_from_frames, decode_video, frame_prompt_text
+from glimpse.processing.video import VideoClip, clip_from_frames, frame_prompt_text
+from glimpse.processing.video_decode import decode_video
 
 _MARKER = "\x00media{}\x00"
 FRAMES_PER_ENCODE = 16  # video frames per vision-encoder call (4,096 LLM tokens at 256 per frame)
