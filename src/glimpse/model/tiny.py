@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from glimpse.config import NemotronHConfig
+from glimpse.config import NemotronHConfig, VLConfig
 from glimpse.model.nemotron_h import NemotronHForCausalLM
 from glimpse.model.tiny_vl import TINY_VL_CONTEXT, tiny_vl_checkpoint
 
@@ -208,6 +208,7 @@ def make_tiny(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     vocab = (len(tokenizer) + 63) // 64 * 64
+    config: NemotronHConfig | VLConfig
     if vl:
         llm = tiny_text_config(max_position_embeddings=TINY_VL_CONTEXT, vocab_size=vocab)
         llm_state = rename_llm(random_llm_state_dict(llm, seed), "backbone", outer="language_model.")
