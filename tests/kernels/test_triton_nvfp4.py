@@ -32,6 +32,7 @@ SMALL = {
     "gemv": LaunchConfig(block_m=1, block_n=32, block_k=32, num_warps=4),
     "splitk": LaunchConfig(block_m=16, block_n=32, block_k=32, num_warps=4),
     "tiled": LaunchConfig(block_m=16, block_n=32, block_k=64, num_warps=4),
+    "dequant": LaunchConfig(block_m=0, block_n=32, block_k=64, num_warps=4),
 }
 
 
@@ -44,15 +45,15 @@ def _case(m: int, n: int, k: int, dtype: torch.dtype, seed: int):
     return x, weight, scale, scale_2
 
 
-def _check(out: torch.Tensor, x, weight, scale, scale_2):
-    """out against the CPU reference: fp32 summation-order error (relative to sum |x| |w|) plus one
-    rounding of the output."""
+def _check(out: torch.Tensor, x, weight, scale, scale_2, roundings: int = 1):
+    """out against the CPU reference: fp32 summation-order error (relative to sum |x| |w|) plus
+    `roundings` roundings of the output."""
     expect = quant_linear.nvfp4_linear(x.float(), weight, scale, scale_2).double()
     magnitude = x.double().abs() @ dequantize_nvfp4(weight, scale, scale_2).double().abs().T
     o = out.cpu().double()
     assert out.dtype == x.dtype and o.shape == expect.shape
     assert torch.isfinite(o).all(), "unwritten or non-finite outputs"
-    bound = 2e-6 * magnitude + ROUNDING[x.dtype] * expect.abs() + 1e-30
+    bound = 2e-6 * magnitude + roundings * ROUNDING[x.dtype] * expect.abs() + 1e-30
     bad = (o - expect).abs() > bound
     assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} off; max {(o - expect).abs().max().item():.3g}"
 
@@ -75,6 +76,7 @@ def _run(x, weight, scale, scale_2, **kw):
         (17, 72, 208, "tiled", "tiled", None),
         (64, 40, 80, "tiled", "tiled", None),
         (3, 40, 80, "tiled", "tiled", None),  # a tiled call with few rows
+        (17, 72, 208, "dequant", "dequant", None),
     ],
 )
 def test_variants_ragged(m, n, k, variant, config, split, dtype):
@@ -83,12 +85,13 @@ def test_variants_ragged(m, n, k, variant, config, split, dtype):
     if split is not None:
         cfg = LaunchConfig(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, split_k=split)
     out = _run(x, weight, scale, scale_2, variant=variant, config=cfg)
-    _check(out, x, weight, scale, scale_2)
+    # dequant rounds the matmul's output, then its product with the global scale
+    _check(out, x, weight, scale, scale_2, roundings=2 if variant == "dequant" else 1)
 
 
-@pytest.mark.parametrize("m", [1, 3, 17, 64])
+@pytest.mark.parametrize("m", [1, 3, 17, 64, 65])
 def test_default_dispatch_and_configs(m):
-    """nvfp4_matmul's own choice of variant and tiles (splitk up to 16 rows, tiled beyond), K = 16·33."""
+    """nvfp4_matmul's own choice of variant and tiles (splitk up to 64 rows, then tiled), K = 16·33."""
     x, weight, scale, scale_2 = _case(m, 130, 528, torch.bfloat16, seed=m)
     _check(_run(x, weight, scale, scale_2), x, weight, scale, scale_2)
 
@@ -120,6 +123,24 @@ def test_extreme_scales():
             x[:1] if config == "gemv" else x, weight, scale, scale_2, variant=variant, config=SMALL[config]
         )
         _check(out, x[:1] if config == "gemv" else x, weight, scale, scale_2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantize_exact(dtype):
+    """The dequantising pass writes e2m1 · e4m3 · 2^-8 exactly (every code, subnormal and extreme scales,
+    N and K/16 not multiples of its tile); NaN scales give NaN weights."""
+    g = torch.Generator().manual_seed(8)
+    n, k = 37, 208
+    weight = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+    bits = torch.randint(0, 0x7F, (n, k // 16), generator=g, dtype=torch.uint8)
+    bits[:, 0], bits[:, 1], bits[:, 2] = 0x7E, 0x01, 0x81
+    scale = bits.view(torch.float8_e4m3fn)
+    out = triton_nvfp4.dequantize_exact(weight.to(DEVICE), scale.to(DEVICE), dtype, SMALL["dequant"])
+    expect = dequantize_nvfp4(weight, scale, torch.tensor(2.0**-8), torch.float32)
+    assert out.dtype == dtype and torch.equal(out.cpu().float(), expect)
+    bits[3, 4] = 0xFF
+    out = triton_nvfp4.dequantize_exact(weight.to(DEVICE), bits.to(DEVICE), dtype).cpu().float()
+    assert torch.isnan(out[3, 64:80]).all() and torch.isnan(out).sum() == 16
 
 
 def test_empty_and_bad_shapes():

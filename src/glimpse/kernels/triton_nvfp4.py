@@ -20,14 +20,18 @@ Both decodes are a few integer ops and one bitcast:
   activation dtype. weight_scale_2 · 2^8 multiplies the fp32 accumulator once at the end.
 So the products see the same weights as the fp32 reference and differ from it only in summation order.
 
-Two variants (`nvfp4_matmul` picks by M; both can be forced for tests and tuning):
+Three variants (`nvfp4_matmul` picks by M; each can be forced for tests and tuning):
 - "splitk" (decode, M ≤ DECODE_MAX_ROWS): programs over (N blocks, K splits[, rows]); each reads a
   contiguous run of K steps of its weight columns once. With one row per program (M == 1) the product is
   an fp32 multiply-add over a [groups, 8, BLOCK_N] accumulator reduced once at the end (GEMV); with more
-  rows it is a tl.dot on a BLOCK_M = 16 row tile. Several K splits add into an fp32 buffer with atomics
+  rows it is a tl.dot on a BLOCK_M (16 to 64) row tile. Several K splits add into an fp32 buffer with atomics
   (order not fixed, so the last bit may vary between runs), which is then cast to the output dtype.
 - "tiled" (prefill): programs over (N blocks, M blocks); tl.dot on [BLOCK_M, BLOCK_K/2] x [BLOCK_K/2,
   BLOCK_N] activation-dtype tiles with an fp32 accumulator, written once.
+- "dequant" (a prefill alternative to measure against "tiled"): one Triton pass writes the whole weight
+  as e2m1 · e4m3 · 2^-8 in the activation dtype (exact), cuBLAS multiplies, and the output is scaled by
+  weight_scale_2 · 2^8 in place (two roundings of the output instead of one). At M in the thousands the
+  extra pass over the weight is a few percent of the matmul's time.
 """
 
 from __future__ import annotations
@@ -40,8 +44,9 @@ from glimpse.kernels._triton import ENABLED, HAS_TRITON, tl, triton
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 GROUP = 16
-DECODE_MAX_ROWS = 16
-"""Largest M the default dispatch sends to the split-K variant."""
+DECODE_MAX_ROWS = 64
+"""Largest M the default dispatch sends to the split-K variant (beyond: PREFILL_VARIANT)."""
+PREFILL_VARIANT = "tiled"
 
 
 def available(x: torch.Tensor) -> bool:
@@ -64,7 +69,10 @@ class LaunchConfig:
 def default_config(variant: str, m: int) -> LaunchConfig:
     """Simple starting points, to be tuned on the card (python -m glimpse.bench.quant_kernels)."""
     if variant == "splitk":
-        return LaunchConfig(block_m=1 if m == 1 else 16, block_n=64, block_k=128, num_warps=4)
+        block_m = 1 if m == 1 else min(64, max(16, triton.next_power_of_2(m)))
+        return LaunchConfig(block_m=block_m, block_n=64, block_k=128, num_warps=4)
+    if variant == "dequant":
+        return LaunchConfig(block_m=0, block_n=64, block_k=128, num_warps=4)
     if m <= 64:
         return LaunchConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)
     return LaunchConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
@@ -233,6 +241,22 @@ if HAS_TRITON:
             else:
                 tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
+    @triton.jit
+    def _nvfp4_dequant_kernel(
+        w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on, BLOCK_N: tl.constexpr, G: tl.constexpr
+    ):  # fmt: skip
+        """out[n, k] = e2m1 · e4m3 · 2^-8 for BLOCK_N rows and G groups of K (weight_scale_2 left out)."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        g0 = tl.program_id(1) * G
+        n_ok = rn < N
+        groups = K // 16
+        w_even, w_odd = _weight_tile(w_ptr, s_ptr, rn, n_ok, g0, groups, stride_wn, stride_sn, G)
+        rg = g0 + tl.arange(0, G)
+        k_even = rg[:, None, None] * 16 + 2 * tl.arange(0, 8)[None, :, None]
+        offs = rn.to(tl.int64)[None, None, :] * stride_on + k_even
+        mask = (rg < groups)[:, None, None] & n_ok[None, None, :]
+        tl.store(out_ptr + offs, w_even.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + offs + 1, w_odd.to(out_ptr.dtype.element_ty), mask=mask)
 
 # Launchers (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) -------------------------------------
 
@@ -255,6 +279,31 @@ def _check(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) ->
     return m, n, k
 
 
+def _dequantize_exact(weight, scales, dtype, cfg: LaunchConfig) -> torch.Tensor:
+    n, half_k = weight.shape
+    out = torch.empty(n, 2 * half_k, dtype=dtype, device=weight.device)
+    groups_per_program = cfg.block_k // GROUP
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(2 * half_k // GROUP, groups_per_program))
+    _nvfp4_dequant_kernel[grid](
+        weight, scales, out, n, 2 * half_k, weight.stride(0), scales.stride(0), out.stride(0),
+        BLOCK_N=cfg.block_n, G=groups_per_program, num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return out
+
+
+def dequantize_exact(
+    weight: torch.Tensor, weight_scale: torch.Tensor, dtype: torch.dtype, config: LaunchConfig | None = None
+) -> torch.Tensor:
+    """W / (weight_scale_2 · 2^8) = e2m1 · e4m3 · 2^-8 as [N, K] in `dtype`: exact in bf16, fp16 and fp32
+    (at most 6 significant bits, within their range)."""
+    if weight.dtype != torch.uint8 or weight_scale.shape != (weight.shape[0], 2 * weight.shape[1] // GROUP):
+        raise ValueError(
+            f"NVFP4 weight {tuple(weight.shape)} and scales {tuple(weight_scale.shape)} disagree"
+        )
+    scales = weight_scale.contiguous().view(torch.uint8)
+    return _dequantize_exact(weight.contiguous(), scales, dtype, config or default_config("dequant", 0))
+
+
 def nvfp4_matmul(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -266,9 +315,10 @@ def nvfp4_matmul(
 ) -> torch.Tensor:
     """y [M, N] = x [M, K] @ Wᵀ in x's dtype, W the NVFP4 weight (see the module docstring).
 
-    `variant` "splitk" or "tiled" (None: splitk for M ≤ DECODE_MAX_ROWS); `config` overrides the tiles."""
+    `variant` "splitk", "tiled" or "dequant" (None: splitk for M ≤ DECODE_MAX_ROWS, else PREFILL_VARIANT);
+    `config` overrides the tiles."""
     m, n, k = _check(x, weight, weight_scale)
-    variant = variant or ("splitk" if m <= DECODE_MAX_ROWS else "tiled")
+    variant = variant or ("splitk" if m <= DECODE_MAX_ROWS else PREFILL_VARIANT)
     cfg = config or default_config(variant, m)
     if cfg.block_k % 32 or cfg.block_k & (cfg.block_k - 1):
         raise ValueError(f"block_k {cfg.block_k} must be a power of two and a multiple of 32")
@@ -285,6 +335,9 @@ def nvfp4_matmul(
     if k == 0:
         return y.zero_()
     n_blocks = triton.cdiv(n, cfg.block_n)
+    if variant == "dequant":
+        w = _dequantize_exact(weight, scales, x.dtype, cfg)
+        return torch.matmul(x, w.t(), out=y).mul_(gs * 256.0)
     if variant == "tiled":
         grid = (n_blocks, triton.cdiv(m, cfg.block_m))
         _nvfp4_tiled_kernel[grid](
