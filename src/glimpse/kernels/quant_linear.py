@@ -17,7 +17,7 @@ from glimpse.kernels import triton_nvfp4 as _gpu
 from glimpse.kernels._triton import ENABLED
 from glimpse.kernels.quant_formats import E4M3_MAX, dequantize_fp8, dequantize_nvfp4
 
-SCALED_MM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SCALED_MM_DTYPES = (torch.bfloat16, torch.float16)  # the model's activations; fp32 keeps the reference
 
 
 def quantize_input_fp8(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
