@@ -20,11 +20,16 @@ SSM_CACHE_DTYPES = ("float32", "bfloat16")
 
 
 def _is_device(name: str) -> bool:
+    if name == "auto":
+        return True
     try:
         torch.device(name)
     except RuntimeError:
         return False
     return True
+
+
+DEVICE = Rule("'auto' or a torch device such as 'cpu', 'cuda', 'cuda:1'", _is_device)
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,7 @@ class EngineConfig:
     )  # fmt: skip
     device: str = setting(
         "auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N",
-        rule=Rule("'auto' or a torch device such as 'cpu', 'cuda', 'cuda:1'", lambda v: v == "auto" or _is_device(v)),
+        rule=DEVICE,
     )  # fmt: skip
     max_model_len: int | None = setting(
         None, help="longest sequence, prompt and output (default: the model's, capped by memory)",

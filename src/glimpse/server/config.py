@@ -42,7 +42,7 @@ class ServerConfig:
 
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags of `glimpse serve`: the engine's (with the server's defaults), the server's, the media limits'."""
+    """`glimpse serve`'s flags: the engine's (with the server's defaults), the server's, the media limits'."""
     add_flags(parser, EngineConfig, defaults=SERVER_ENGINE_DEFAULTS)
     add_flags(parser, ServerConfig)
 
