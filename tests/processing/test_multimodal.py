@@ -231,8 +231,8 @@ def test_a_long_video_is_encoded_a_group_at_a_time_between_other_work():
     big = LLM("tiny-vl", max_num_seqs=4, max_model_len=16384, max_num_batched_tokens=16384)
     expected = big.generate(prompt, params)[0].outputs[0].token_ids
 
-    engine = LLMEngine(EngineConfig(model="tiny-vl", max_num_seqs=4, max_model_len=16384,
-                                    max_num_batched_tokens=2048, enable_prefix_caching=False))  # fmt: skip
+    engine = LLMEngine(EngineConfig.from_kwargs("tiny-vl", max_num_seqs=4, max_model_len=16384,
+                                                max_num_batched_tokens=2048, enable_prefix_caching=False))  # fmt: skip
     video = engine.processor.from_prompt(prompt)
     engine.add_request(
         "chat", engine.tokenizer.encode("Hello there"), SamplingParams(max_tokens=30, ignore_eos=True)

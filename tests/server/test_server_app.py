@@ -17,8 +17,8 @@ import pytest
 from glimpse.errors import MediaError
 from glimpse.outputs import CompletionOutput, RequestOutput
 from glimpse.processing.inputs import ProcessedInput
+from glimpse.processing.media import MediaLimits
 from glimpse.server.app import build_app
-from glimpse.server.args import ServerLimits
 from glimpse.server.metrics import ServerMetrics, parse_text
 from glimpse.server.serving_completions import ServingContext, merge_streams
 
@@ -93,7 +93,7 @@ def make_client(test_hooks: bool = False, **limits) -> tuple[httpx.AsyncClient, 
     ctx = ServingContext(
         llm=llm,  # type: ignore[arg-type]
         served_model_name="fake",
-        limits=ServerLimits(**limits),
+        media_limits=MediaLimits(**limits),
         metrics=ServerMetrics("fake", llm.engine.stats, llm.is_idle),
         test_hooks=test_hooks,
     )
@@ -266,6 +266,7 @@ def test_merge_streams_closes_everything_on_early_exit():
 
 def test_cli_defaults_are_the_contract(monkeypatch):
     from glimpse.cli import build_parser
+    from glimpse.server.config import serve_configs
 
     monkeypatch.delenv("GLIMPSE_API_KEY", raising=False)
     args = build_parser().parse_args(["serve", "tiny"])
@@ -276,8 +277,9 @@ def test_cli_defaults_are_the_contract(monkeypatch):
     assert args.max_video_frames == 1024 and args.max_pdf_pages == 32 and args.media_fetch_timeout == 30
     assert args.allowed_local_media_path is None and args.allow_private_media_urls is False
     assert args.video_pruning_rate == 0 and args.gpu_memory_utilization == 0.9
-    limits = ServerLimits.from_args(args)
-    assert limits.max_request_bytes == 268435456 and limits.allow_private_media_urls is False
+    engine, server = serve_configs(args)
+    assert server.max_request_bytes == 268435456 and engine.media.allow_private_media_urls is False
+    assert server.media_limits == MediaLimits() and server.media_limits.max_video_frames == 1024
     args = build_parser().parse_args(["serve", "tiny", "--limit-mm-per-prompt", '{"image": 2}'])
     assert args.limit_mm_per_prompt == {"image": 2, "video": 2, "file": 4}
     with pytest.raises(SystemExit):

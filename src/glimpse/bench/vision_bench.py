@@ -193,7 +193,7 @@ def video_ttft(
                 "ttft_s": float(np.median(ttfts)), "ttft_s_all": ttfts, "processing_s": best["processing_s"],
                 "encode_video_s": encode_s, "prompt_tokens": best["prompt_tokens"],
                 "video_tokens": vt.get("total"), "video_tokens_kept": vt.get("kept"),
-                "chunk": engine.cfg.max_num_batched_tokens, "repeats": repeats,
+                "chunk": engine.cfg.scheduler.max_num_batched_tokens, "repeats": repeats,
             })  # fmt: skip
     finally:
         _release(engine)

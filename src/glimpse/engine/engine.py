@@ -43,11 +43,11 @@ def _plan_memory(
     """Split a byte budget into state slots and KV blocks: KV for at least one full-length sequence first,
     then a slot per allowed sequence while memory lasts, the rest to KV. Returns (slots, blocks, max_len)."""
     per_seq = state_bytes_per_sequence(config, dtype, ssm_dtype)
-    per_block = max(1, kv_bytes_per_token(config, dtype) * cfg.block_size)
+    per_block = max(1, kv_bytes_per_token(config, dtype) * cfg.cache.block_size)
     max_len = cfg.max_model_len or config.max_position_embeddings
-    kv_floor = -(-max_len // cfg.block_size) * per_block
+    kv_floor = -(-max_len // cfg.cache.block_size) * per_block
     if kv_floor + per_seq > budget:  # cap the context at what memory holds
-        fit = max(cfg.block_size, (budget - per_seq) // per_block * cfg.block_size)
+        fit = max(cfg.cache.block_size, (budget - per_seq) // per_block * cfg.cache.block_size)
         if cfg.max_model_len:
             raise ValueError(
                 f"max_model_len={cfg.max_model_len} needs {kv_floor + per_seq} bytes of cache, only {budget} "
@@ -55,10 +55,10 @@ def _plan_memory(
             )
         log.warning("max_model_len capped from %d to %d by cache memory", max_len, fit)
         max_len = fit
-        kv_floor = -(-max_len // cfg.block_size) * per_block
+        kv_floor = -(-max_len // cfg.cache.block_size) * per_block
     # With prefix caching a few extra slots hold Mamba snapshots (running sequences take them back first).
-    extra = max(2, cfg.max_num_seqs // 8) if cfg.enable_prefix_caching else 0
-    slots = int(max(1, min(cfg.max_num_seqs + extra, (budget - kv_floor) // per_seq)))
+    extra = max(2, cfg.scheduler.max_num_seqs // 8) if cfg.cache.enable_prefix_caching else 0
+    slots = int(max(1, min(cfg.scheduler.max_num_seqs + extra, (budget - kv_floor) // per_seq)))
     blocks = int((budget - slots * per_seq) // per_block)
     return slots, blocks, max_len
 
@@ -74,9 +74,7 @@ class LLMEngine:
         self.cfg = cfg
         self.device = cfg.resolve_device()
         self.dtype = cfg.resolve_dtype(self.device)
-        if cfg.mamba_ssm_cache_dtype not in ("float32", "bfloat16"):
-            raise ValueError("mamba_ssm_cache_dtype must be 'float32' or 'bfloat16'")
-        self.ssm_dtype = DTYPES[cfg.mamba_ssm_cache_dtype]
+        self.ssm_dtype = DTYPES[cfg.cache.mamba_ssm_cache_dtype]
         torch.manual_seed(cfg.seed)
         if model is None:
             self.model_dir: Path | None = resolve_model_path(cfg.model)
@@ -91,29 +89,31 @@ class LLMEngine:
 
         budget = self._cache_budget()
         slots, blocks, self.max_model_len = _plan_memory(self.config, cfg, budget, self.dtype, self.ssm_dtype)
-        use_graphs = self.device.type == "cuda" and not cfg.enforce_eager
+        use_graphs = self.device.type == "cuda" and not cfg.scheduler.enforce_eager
         # With CUDA graphs, one extra slot and block (no sequence owns them) absorb the padding rows.
         extra = 1 if use_graphs else 0
         self.cache_tensors = allocate_cache_tensors(
             self.config,
             slots + extra,
             blocks + extra,
-            cfg.block_size,
+            cfg.cache.block_size,
             self.dtype,
             self.ssm_dtype,
             self.device,
         )
-        self.prefix_cache = PrefixCache() if cfg.enable_prefix_caching else None
+        self.prefix_cache = PrefixCache() if cfg.cache.enable_prefix_caching else None
         self.cache = CacheManager(
-            BlockPool(blocks, cfg.block_size), SlotPool(slots), self.prefix_cache, self._copy_state
+            BlockPool(blocks, cfg.cache.block_size), SlotPool(slots), self.prefix_cache, self._copy_state
         )
-        self.scheduler = Scheduler(self.cache, cfg.max_num_batched_tokens, min(cfg.max_num_seqs, slots))
+        self.scheduler = Scheduler(
+            self.cache, cfg.scheduler.max_num_batched_tokens, min(cfg.scheduler.max_num_seqs, slots)
+        )
         self._default_generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.runner = ModelRunner(
             self.model, self.cache_tensors, self.device, self.eos_token_ids, self._default_generator
         )
         self.encoder_cache = EncoderCache(
-            cfg.encoder_cache_bytes or (2 << 30 if self.device.type == "cuda" else 512 << 20)
+            cfg.cache.encoder_cache_bytes or (2 << 30 if self.device.type == "cuda" else 512 << 20)
         )
         self.processor = InputProcessor(self)
         if use_graphs:
@@ -121,10 +121,12 @@ class LLMEngine:
 
             self.runner.graphs = DecodeGraphs(
                 self.model, self.cache_tensors, self.device, self.scheduler.max_num_seqs,
-                -(-self.max_model_len // cfg.block_size), scratch_slot=slots, scratch_block=blocks,
+                -(-self.max_model_len // cfg.cache.block_size), scratch_slot=slots, scratch_block=blocks,
             )  # fmt: skip
             self.runner.graphs.capture()
-        self.async_scheduling = use_graphs if cfg.async_scheduling is None else cfg.async_scheduling
+        self.async_scheduling = (
+            use_graphs if cfg.scheduler.async_scheduling is None else cfg.scheduler.async_scheduling
+        )
         self._pending: PendingStep | None = None  # a decode step launched but not yet read back
         self.num_async_steps = 0
         self._think_ids: tuple | None = None
@@ -135,7 +137,7 @@ class LLMEngine:
         self._arrivals = itertools.count()
         log.info(
             "engine ready: %s on %s (%s), %d state slots, %d KV blocks of %d, max_model_len %d",
-            self.model_dir, self.device, self.dtype, slots, blocks, cfg.block_size, self.max_model_len,
+            self.model_dir, self.device, self.dtype, slots, blocks, cfg.cache.block_size, self.max_model_len,
         )  # fmt: skip
 
     def _copy_state(self, src: int, dst: int) -> None:
@@ -148,7 +150,7 @@ class LLMEngine:
             peak = self._profile_activation_bytes()
             free, total = torch.cuda.mem_get_info(self.device)
             used = total - free  # weights, the CUDA context, and anyone else on the card
-            budget = int(total * self.cfg.gpu_memory_utilization - used - peak)
+            budget = int(total * self.cfg.cache.gpu_memory_utilization - used - peak)
             log.info("GPU memory: %.1f GiB in use, %.1f GiB peak activations, %.1f GiB for caches",
                      used / 2**30, peak / 2**30, budget / 2**30)  # fmt: skip
             if budget <= 0:
@@ -158,14 +160,13 @@ class LLMEngine:
                     f"or lower max_num_batched_tokens"
                 )
             return budget
-        if self.cfg.cache_memory_bytes:
-            return int(self.cfg.cache_memory_bytes)
+        if self.cfg.cache.cache_memory_bytes:
+            return int(self.cfg.cache.cache_memory_bytes)
         # CPU default: a slot per allowed sequence and KV for a few full-length sequences, at most 2 GiB.
         c = self.config
         max_len = self.cfg.max_model_len or c.max_position_embeddings
-        want = (self.cfg.max_num_seqs + 2 + self.cfg.max_num_seqs // 8) * state_bytes_per_sequence(
-            c, self.dtype, self.ssm_dtype
-        )
+        seqs = self.cfg.scheduler.max_num_seqs
+        want = (seqs + 2 + seqs // 8) * state_bytes_per_sequence(c, self.dtype, self.ssm_dtype)
         want += 4 * max_len * kv_bytes_per_token(c, self.dtype)
         return int(min(want, 2 << 30))
 
@@ -175,8 +176,8 @@ class LLMEngine:
         (and, for a VL model, one micro-batch of tiles through the vision encoder) and measure it."""
         from glimpse.model.batch import ForwardBatch
 
-        n = self.cfg.max_num_batched_tokens
-        bs = self.cfg.block_size
+        n = self.cfg.scheduler.max_num_batched_tokens
+        bs = self.cfg.cache.block_size
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         scratch = allocate_cache_tensors(
@@ -189,7 +190,7 @@ class LLMEngine:
         ids = torch.randint(0, self.config.vocab_size, (n,), device=self.device)
         table = torch.arange(-(-n // bs), device=self.device).view(1, -1)
         batch = ForwardBatch([n], [0], torch.tensor([0], device=self.device), table)
-        rows = torch.arange(n - min(n, self.cfg.max_num_seqs), n, device=self.device)
+        rows = torch.arange(n - min(n, self.cfg.scheduler.max_num_seqs), n, device=self.device)
         self.model(batch, scratch, input_ids=ids, logits_indices=rows)
         peak = torch.cuda.max_memory_allocated(self.device) - base
         if getattr(self.model, "is_multimodal", False):
@@ -268,8 +269,10 @@ class LLMEngine:
         waits = grammar is not None and self._reasoning_open(req.prompt_token_ids)
         points: set[int] = set()
         if self.prefix_cache is not None:
-            req.block_hashes = prompt_block_hashes(req.prompt_token_ids, req.media_spans, self.cfg.block_size)
-            points = snapshot_points(n, req.media_spans, self.cfg.block_size)
+            req.block_hashes = prompt_block_hashes(
+                req.prompt_token_ids, req.media_spans, self.cfg.cache.block_size
+            )
+            points = snapshot_points(n, req.media_spans, self.cfg.cache.block_size)
         for i in range(params.n):
             seq = Sequence(next(self._seq_ids), req, i, snapshot_points=points)
             seq.sampling_state = SequenceSamplingState(
@@ -373,7 +376,7 @@ class LLMEngine:
         sch = self.scheduler
         if sch.waiting or not sch.running or len(sch.running) > len(self._pending.seqs):
             return False
-        bs = self.cfg.block_size
+        bs = self.cfg.cache.block_size
         new_blocks = 0
         for seq in sch.running:
             if seq.num_tokens - seq.num_computed_tokens != 1 or not self._async_safe(seq):
@@ -523,7 +526,7 @@ class LLMEngine:
         """Bytes the prefix cache keeps: cached KV blocks plus Mamba state snapshots."""
         if self.prefix_cache is None:
             return 0
-        block = kv_bytes_per_token(self.config, self.dtype) * self.cfg.block_size
+        block = kv_bytes_per_token(self.config, self.dtype) * self.cfg.cache.block_size
         state = state_bytes_per_sequence(self.config, self.dtype, self.ssm_dtype)
         return len(self.prefix_cache.block_by_hash) * block + len(self.prefix_cache.snapshots) * state
 

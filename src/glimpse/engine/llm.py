@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -13,35 +14,9 @@ from glimpse.sampling_params import SamplingParams
 
 
 class LLM:
-    def __init__(
-        self,
-        model: str,
-        dtype: str = "auto",
-        device: str = "auto",
-        max_model_len: int | None = None,
-        max_num_batched_tokens: int = 8192,
-        max_num_seqs: int = 256,
-        enable_prefix_caching: bool = True,
-        mamba_ssm_cache_dtype: str = "float32",
-        gpu_memory_utilization: float = 0.9,
-        cache_memory_bytes: int | None = None,
-        video_pruning_rate: float = 0.0,
-        allowed_local_media_path: str | None = None,
-        allow_private_media_urls: bool = True,
-        seed: int = 0,
-        **engine_kwargs: Any,
-    ) -> None:
-        cfg = EngineConfig(
-            model=str(model), dtype=dtype, device=device, max_model_len=max_model_len,
-            max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-            enable_prefix_caching=enable_prefix_caching, mamba_ssm_cache_dtype=mamba_ssm_cache_dtype,
-            gpu_memory_utilization=gpu_memory_utilization, cache_memory_bytes=cache_memory_bytes,
-            video_pruning_rate=video_pruning_rate, allowed_local_media_path=allowed_local_media_path,
-            allow_private_media_urls=allow_private_media_urls, seed=seed, **engine_kwargs,
-        )  # fmt: skip
-        if not 0 <= video_pruning_rate < 1:
-            raise ValueError(f"video_pruning_rate must be in [0, 1), got {video_pruning_rate}")
-        self.engine = LLMEngine(cfg)
+    def __init__(self, model: str | os.PathLike[str], **kwargs: Any) -> None:
+        """`kwargs`: the flat settings of `EngineConfig` (API.md's `LLM(...)` arguments and their defaults)."""
+        self.engine = LLMEngine(EngineConfig.from_kwargs(model, **kwargs))
         self._ids = itertools.count()
 
     def get_tokenizer(self):

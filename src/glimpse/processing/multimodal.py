@@ -64,7 +64,7 @@ class MediaOptions:
         cfg = proc.engine.model.config
         mm = dict(mm_processor_kwargs or {})
         video_io = dict((media_io_kwargs or {}).get("video") or {})
-        q = proc.engine.cfg.video_pruning_rate if video_pruning_rate is None else video_pruning_rate
+        q = proc.engine.cfg.media.video_pruning_rate if video_pruning_rate is None else video_pruning_rate
         tiles = mm.get("max_num_tiles", cfg.max_num_tiles)
         if not isinstance(tiles, int) or not 1 <= tiles <= 64:
             raise InvalidRequestError("mm_processor_kwargs.max_num_tiles must be an integer in [1, 64]")
@@ -77,8 +77,8 @@ class MediaOptions:
             raise InvalidRequestError("media_io_kwargs.video.num_frames must be a positive integer")
         if policy is None:
             policy = MediaPolicy(
-                allowed_local_media_path=proc.engine.cfg.allowed_local_media_path,
-                allow_private_urls=proc.engine.cfg.allow_private_media_urls,
+                allowed_local_media_path=proc.engine.cfg.media.allowed_local_media_path,
+                allow_private_urls=proc.engine.cfg.media.allow_private_media_urls,
             )
         return cls(tiles, float(fps), num, float(q), policy, limits or MediaLimits())
 
