@@ -34,7 +34,7 @@ from glimpse.inputs import MediaSpan
 from glimpse.loader import resolve_model_path
 from glimpse.model.loading import load_model
 from glimpse.outputs import RequestOutput
-from glimpse.processing.reasoning import THINK_END, THINK_START, prompt_ends_in_reasoning
+from glimpse.processing.reasoning import prompt_ends_in_reasoning, think_token_ids
 from glimpse.processing.tokenizer import end_of_sequence_ids, load_tokenizer
 from glimpse.sampling_params import SamplingParams
 
@@ -69,14 +69,8 @@ class LLMEngine:
         # With CUDA graphs, one extra slot and block (no sequence owns them) absorb the padding rows.
         extra = 1 if use_graphs else 0
         self.cache_tensors = allocate_cache_tensors(
-            self.config,
-            slots + extra,
-            blocks + extra,
-            cfg.block_size,
-            self.dtype,
-            self.ssm_dtype,
-            self.device,
-        )
+            self.config, slots + extra, blocks + extra, cfg.block_size, self.dtype, self.ssm_dtype, self.device,
+        )  # fmt: skip
         self.prefix_cache = PrefixCache() if cfg.enable_prefix_caching else None
         self.cache = CacheManager(
             BlockPool(blocks, cfg.block_size), SlotPool(slots), self.prefix_cache, self._copy_state
@@ -97,7 +91,7 @@ class LLMEngine:
                 -(-self.max_model_len // cfg.block_size), scratch_slot=slots, scratch_block=blocks,
             )  # fmt: skip
             self.runner.graphs.capture()
-        self.think_ids = _think_token_ids(self.tokenizer)
+        self.think_ids = think_token_ids(self.tokenizer)
         self.outputs = OutputProcessor(
             self.tokenizer, self.eos_token_ids, self.max_model_len, self.scheduler,
             self.think_ids[1] if self.think_ids else None,
@@ -368,13 +362,3 @@ class LLMEngine:
 
     def all_memory_free(self) -> bool:
         return self.cache.all_free()
-
-
-def _think_token_ids(tokenizer) -> tuple[int, int] | None:
-    """The ids of `<think>` and `</think>`, or None when the tokenizer has no such tokens."""
-    if tokenizer is None:
-        return None
-    start, end = (tokenizer.convert_tokens_to_ids(t) for t in (THINK_START, THINK_END))
-    if start is None or end is None or start == tokenizer.unk_token_id:
-        return None
-    return start, end

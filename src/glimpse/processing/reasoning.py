@@ -25,3 +25,13 @@ def prompt_ends_in_reasoning(
         if token == start or token == end:
             return token == start
     return False
+
+
+def think_token_ids(tokenizer) -> tuple[int, int] | None:
+    """The ids of `<think>` and `</think>` in `tokenizer`, or None when it has no such tokens."""
+    if tokenizer is None:
+        return None
+    start, end = (tokenizer.convert_tokens_to_ids(t) for t in (THINK_START, THINK_END))
+    if start is None or end is None or start == tokenizer.unk_token_id:
+        return None
+    return start, end
