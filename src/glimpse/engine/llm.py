@@ -26,7 +26,7 @@ def input_processor(engine: LLMEngine, encoder: VisionEncoder | None = None) -> 
     return InputProcessor(
         engine.tokenizer,
         vision.config if vision is not None else None,
-        (encoder or vision) if vision is not None else None,
+        encoder or vision,
         video_pruning_rate=cfg.video_pruning_rate,
         media_policy=MediaPolicy(
             allowed_local_media_path=cfg.allowed_local_media_path,
