@@ -104,6 +104,8 @@ class AsyncLLM:
                     cmd = self._commands.get(block=block, timeout=0.1 if block else None)
                     block = False
                     self._run_command(cmd)
+                    if cmd[0] == "call":  # at most one vision call between two steps
+                        break
             except queue.Empty:
                 pass
             if not engine.has_unfinished():
