@@ -19,7 +19,7 @@ from glimpse.bench.random_model import (
     random_model,
     restrict_vocab,
 )
-from glimpse.model.radio import RadioConfig
+from glimpse.config_radio import RadioConfig
 
 ONLINE_TINY = [
     "--online-concurrency", "2", "--online-requests", "4", "--online-mix", "text:1,image:1,pdf:1,video:1",

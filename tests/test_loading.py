@@ -9,8 +9,8 @@ import torch
 
 from glimpse.config import NemotronHConfig
 from glimpse.errors import CheckpointError
-from glimpse.loader import load_language_model
-from glimpse.tiny import build_tokenizer, make_tiny
+from glimpse.model.loading import load_language_model
+from glimpse.model.tiny import build_tokenizer, make_tiny
 from tests.model.nemotron_reference import build_reference, new_cache, ours_from_reference, run_chunks
 
 IDS = list(range(40, 71))
@@ -177,7 +177,7 @@ def test_fp8_weight_without_its_scale_is_named(tmp_path):
 
 
 def test_offline_hub_id_gives_a_clear_error(monkeypatch):
-    from glimpse.loader import resolve_model_path
+    from glimpse.model.loading import resolve_model_path
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="could not get 'nvidia/NoSuchModel-xyz'"):

@@ -123,7 +123,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
-    from glimpse.tiny import make_tiny
+    from glimpse.model.tiny import make_tiny
 
     path = make_tiny(args.dir, vl=args.vl, seed=args.seed, style=args.style, shards=args.shards)
     print(path)

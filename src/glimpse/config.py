@@ -282,7 +282,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class VLConfig:
     """The VL checkpoint (`NemotronH_Nano_VL_V2`): the language model plus the image/video geometry.
 
-    The vision encoder's own config is read with the checkpoint's tensor shapes (model/radio.py)."""
+    The vision encoder's own config is read with the checkpoint's tensor shapes (config_radio.py)."""
 
     llm: NemotronHConfig
     vision_config: dict[str, Any]

@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -20,30 +20,26 @@ from glimpse.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-BUILTIN_MODELS = ("tiny", "tiny-vl")
 # Parameters kept in fp32 whatever the model dtype: tiny, and the SSM's decay rates are precision-critical.
 FP32_SUFFIXES = (".A_log", ".D", ".dt_bias")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"]
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("GLIMPSE_CACHE", Path.home() / ".cache" / "glimpse"))
-
-
-def resolve_model_path(model: str | os.PathLike) -> Path:
-    """A local directory, a built-in name (made on first use), or a hub id (downloaded when online)."""
+def find_checkpoint(
+    model: str | os.PathLike, builtin_models: Mapping[str, Callable[[str], Path]] | None = None
+) -> Path:
+    """A local directory, a name in `builtin_models` (whose maker returns its directory), or a hub id
+    (downloaded when online), in that order."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
-    if str(model) in BUILTIN_MODELS:
-        from glimpse.tiny import ensure_builtin
-
-        return ensure_builtin(str(model))
     name = str(model)
+    builtin_models = builtin_models or {}
+    if name in builtin_models:
+        return builtin_models[name](name)
     if name.count("/") != 1 or name.startswith((".", "/")):
-        raise CheckpointError(
-            f"model {name!r} is not a directory, a built-in model {BUILTIN_MODELS}, or a hub id"
-        )
+        also = f", a built-in model {tuple(builtin_models)}," if builtin_models else ""
+        raise CheckpointError(f"model {name!r} is not a directory{also} or a hub id")
     try:
         from huggingface_hub import snapshot_download
 
@@ -188,6 +184,19 @@ def _tied(module: nn.Module) -> set[str]:
     return tied
 
 
+# VL checkpoint tensors the model knowingly does not use: pixels arrive normalised, cls outputs are dropped.
+_VL_UNUSED = ("vision_model.radio_model.input_conditioner.", "vision_model.radio_model.summary_idxs")
+
+
+def vl_name_map(name: str) -> str | None:
+    """Checkpoint names of the VL model -> ours: the language model under `language_model.backbone.`."""
+    if name.startswith(_VL_UNUSED):
+        return None
+    if name.startswith("language_model.model."):
+        return "language_model.backbone." + name[len("language_model.model.") :]
+    return name
+
+
 def llm_name_map(prefix: str = "") -> Callable[[str], str | None]:
     """Checkpoint names of the language model -> ours (`backbone.*`, `lm_head.weight`), under `prefix`.
 
@@ -249,21 +258,3 @@ def read_weight_scales(files: list[Path]) -> dict[str, torch.Tensor]:
                 if name.endswith(".weight_scale"):
                     scales[name[: -len("_scale")]] = f.get_tensor(name).float()
     return scales
-
-
-def load_language_model(model_dir: Path, device: torch.device | str, dtype: torch.dtype):
-    """The text-only NemotronH checkpoint (`NemotronHForCausalLM`)."""
-    from glimpse.config import NemotronHConfig, read_config_json
-    from glimpse.model.nemotron_h import NemotronHForCausalLM
-
-    quant = check_supported_quantization(model_dir)
-    config = NemotronHConfig.from_dict(read_config_json(model_dir))
-    with torch.device("meta"):
-        model = NemotronHForCausalLM(config)
-    files = checkpoint_files(model_dir)
-    names, scales = llm_name_map(), None
-    if quant == "FP8":
-        names, scales = fp8_name_map(names), read_weight_scales(files)
-    load_weights(model, files, names, device, dtype, scales)
-    model.tie_weights()
-    return model.eval()

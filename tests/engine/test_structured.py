@@ -20,8 +20,8 @@ from glimpse.engine.structured import (
     unpack_bitmask,
 )
 from glimpse.errors import InvalidRequestError
+from glimpse.model.tiny import build_tokenizer
 from glimpse.sampling_params import SamplingParams
-from glimpse.tiny import build_tokenizer
 
 MAX_STEPS = 200
 SEEDS = range(12)

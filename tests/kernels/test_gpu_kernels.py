@@ -274,7 +274,7 @@ def test_mamba2_mixer_decode_on_cuda_matches_cpu(ssm_dtype):
     """The whole decode path of a (tiny) mixer on CUDA, through the kernels, against the CPU torch path."""
     from glimpse.model.batch import CacheTensors, ForwardBatch
     from glimpse.model.mamba2 import Mamba2Mixer
-    from glimpse.tiny import tiny_text_config
+    from glimpse.model.tiny import tiny_text_config
 
     config = tiny_text_config()
     torch.manual_seed(8)

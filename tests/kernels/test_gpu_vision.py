@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from glimpse.config_radio import RadioConfig
 from glimpse.model import radio
-from glimpse.model.radio import RadioConfig, RadioViT
+from glimpse.model.radio import RadioViT
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -272,7 +272,7 @@ def test_model_with_fused_norms_matches_plain_blocks(dtype):
     from glimpse.engine.cache import allocate_cache_tensors
     from glimpse.model.batch import ForwardBatch
     from glimpse.model.nemotron_h import NemotronHForCausalLM
-    from glimpse.tiny import tiny_text_config
+    from glimpse.model.tiny import tiny_text_config
 
     config = tiny_text_config()
     torch.manual_seed(4)

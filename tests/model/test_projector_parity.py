@@ -16,8 +16,8 @@ from transformers.models.nemotron_h_omni.modeling_nemotron_h_omni import (
     NemotronH_Omni_Reasoning_V3MultiModalProjector,
 )
 
+from glimpse.config_radio import RadioConfig
 from glimpse.model.projector import Projector, pixel_shuffle_v2
-from glimpse.model.radio import RadioConfig
 from glimpse.model.vision import VisionTower
 
 

@@ -25,8 +25,9 @@ from safetensors.torch import save_file
 from transformers import RadioConfig as HFRadioConfig
 from transformers import RadioModel
 
+from glimpse.config_radio import RadioConfig
 from glimpse.errors import CheckpointError
-from glimpse.model.radio import RadioConfig, RadioViT
+from glimpse.model.radio import RadioViT
 
 WIDTH, DEPTH, HEADS, PATCH = 64, 2, 4, 16
 

@@ -16,7 +16,7 @@ from transformers.models.nemotron_h_omni.configuration_nemotron_h_omni import (
 from transformers.models.nemotron_h_omni.modeling_nemotron_h_omni import NemotronH_Omni_Reasoning_V3
 
 from glimpse.config import NemotronHConfig, VLConfig
-from glimpse.model.radio import RadioConfig
+from glimpse.config_radio import RadioConfig
 from glimpse.model.vlm import NemotronVLModel
 from tests.model.nemotron_reference import new_cache
 from tests.model.test_projector_parity import hf_radio_to_nvidia

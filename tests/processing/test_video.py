@@ -21,17 +21,17 @@ import pytest
 from PIL import Image
 
 from glimpse.errors import InvalidRequestError, LimitExceededError, MediaError
-from glimpse.processing import video as video_module
+from glimpse.processing import video_decode
 from glimpse.processing.video import (
     IMAGE_TOKEN,
     PromptPiece,
     clip_from_frames,
-    decode_video,
     frame_prompt_text,
     pieces_to_text,
     sample_frames,
     separators_for_frame_list,
 )
+from glimpse.processing.video_decode import decode_video
 
 WIDTH, HEIGHT = 64, 48
 BLOCK = 8  # pixels; aligned with the codecs' 8x8 transform so the blocks survive compression
@@ -226,7 +226,7 @@ def offset_ts(videos) -> Path:
 @pytest.fixture
 def always_parallel(monkeypatch):
     """Threads even for the tiny test clips, which are otherwise decoded as one sequence."""
-    monkeypatch.setattr(video_module, "_PARALLEL_MIN_PIXELS", 0)
+    monkeypatch.setattr(video_decode, "_PARALLEL_MIN_PIXELS", 0)
 
 
 @pytest.fixture(scope="session")
@@ -355,7 +355,7 @@ def test_variable_frame_rate_picks_frames_by_time(videos):
 
 
 def test_long_video_seeks_instead_of_decoding_everything(long_mp4, caplog):
-    caplog.set_level(logging.DEBUG, logger="glimpse.processing.video")
+    caplog.set_level(logging.DEBUG, logger="glimpse.processing.video_decode")
     started = time.perf_counter()
     clip = decode_video(long_mp4, fps=2, num_frames=128)
     elapsed = time.perf_counter() - started
@@ -386,7 +386,7 @@ PARALLEL_CASES = [
 
 @pytest.mark.parametrize(("name", "fps"), PARALLEL_CASES)
 def test_parallel_decoding_matches_sequential(name, fps, request, always_parallel, caplog):
-    caplog.set_level(logging.DEBUG, logger="glimpse.processing.video")
+    caplog.set_level(logging.DEBUG, logger="glimpse.processing.video_decode")
     path = request.getfixturevalue(name)
     sequential = decode_video(path, fps=fps, workers=1)
     assert decode_groups(caplog) == 1
@@ -404,7 +404,7 @@ def test_parallel_decoding_matches_sequential(name, fps, request, always_paralle
 def test_parallel_groups_decode_no_frame_twice(name, fps, request, always_parallel, monkeypatch):
     """Groups start at a keyframe after the previous group's last sample (B-frames: the index holds dts)."""
     decoded: dict[str, list[int]] = {}
-    real_next = video_module._FrameReader._next
+    real_next = video_decode._FrameReader._next
 
     def next_frame(self):
         frame = real_next(self)
@@ -412,7 +412,7 @@ def test_parallel_groups_decode_no_frame_twice(name, fps, request, always_parall
             decoded.setdefault(threading.current_thread().name, []).append(frame.pts)
         return frame
 
-    monkeypatch.setattr(video_module._FrameReader, "_next", next_frame)
+    monkeypatch.setattr(video_decode._FrameReader, "_next", next_frame)
     decode_video(request.getfixturevalue(name), fps=fps, workers=4)
     assert len(decoded) > 1
     seen: set[int] = set()
@@ -422,7 +422,7 @@ def test_parallel_groups_decode_no_frame_twice(name, fps, request, always_parall
 
 
 def test_parallel_decoding_from_bytes_squashed(ntsc_mp4, long_mp4, always_parallel, caplog):
-    caplog.set_level(logging.DEBUG, logger="glimpse.processing.video")
+    caplog.set_level(logging.DEBUG, logger="glimpse.processing.video_decode")
     for path in (ntsc_mp4, long_mp4):
         reference = decode_video(path, workers=1, size=32)
         data = path.read_bytes()
@@ -434,7 +434,7 @@ def test_parallel_decoding_from_bytes_squashed(ntsc_mp4, long_mp4, always_parall
 
 
 def test_parallel_variable_frame_rate(videos, always_parallel, caplog):
-    caplog.set_level(logging.DEBUG, logger="glimpse.processing.video")
+    caplog.set_level(logging.DEBUG, logger="glimpse.processing.video_decode")
     pts_ms = [i * 33 for i in range(90)] + [2970 + i * 66 for i in range(90)]
     path = write_video(videos / "vfr_parallel.mkv", 180, 30, 15, pts_ms=pts_ms)
     for fps in (0.5, 4):
@@ -446,23 +446,23 @@ def test_parallel_variable_frame_rate(videos, always_parallel, caplog):
 
 def test_long_video_uses_threads_by_default(long_mp4, caplog):
     """The 2-hour clip is long enough to split without help, whenever there is more than one core."""
-    caplog.set_level(logging.DEBUG, logger="glimpse.processing.video")
+    caplog.set_level(logging.DEBUG, logger="glimpse.processing.video_decode")
     decode_video(long_mp4, workers=4)
     assert decode_groups(caplog) == 4
-    assert video_module.default_workers() == min(8, video_module._cpu_count())
+    assert video_decode.default_workers() == min(8, video_decode._cpu_count())
     with pytest.raises(ValueError):
         decode_video(long_mp4, workers=0)
 
 
 def test_worker_open_error_reaches_the_caller(long_mp4, monkeypatch):
-    real_open = video_module._open
+    real_open = video_decode._open
 
     def open_on_main_thread_only(source):
         if threading.current_thread() is not threading.main_thread():
             raise MediaError("the video file went away")
         return real_open(source)
 
-    monkeypatch.setattr(video_module, "_open", open_on_main_thread_only)
+    monkeypatch.setattr(video_decode, "_open", open_on_main_thread_only)
     with pytest.raises(MediaError, match="went away") as err:
         decode_video(long_mp4, workers=4)
     assert err.value.status == 400
@@ -471,7 +471,7 @@ def test_worker_open_error_reaches_the_caller(long_mp4, monkeypatch):
 
 def test_worker_decode_error_cancels_the_other_groups(long_mp4, monkeypatch):
     """Groups in the second hour fail at once; those in the first hour (slowed down) stop early."""
-    real_to_array = video_module._to_array
+    real_to_array = video_decode._to_array
     converted: list[float] = []
 
     def to_array(frame, size):
@@ -482,7 +482,7 @@ def test_worker_decode_error_cancels_the_other_groups(long_mp4, monkeypatch):
             converted.append(frame.time)
         return real_to_array(frame, size)
 
-    monkeypatch.setattr(video_module, "_to_array", to_array)
+    monkeypatch.setattr(video_decode, "_to_array", to_array)
     with pytest.raises(MediaError, match="can't be decoded") as err:
         decode_video(long_mp4, workers=4)
     assert err.value.status == 400
@@ -493,8 +493,8 @@ def test_worker_decode_error_cancels_the_other_groups(long_mp4, monkeypatch):
 
 def test_limits_are_checked_before_any_thread_starts(long_mp4, monkeypatch, always_parallel):
     opened = []
-    real_open = video_module._open
-    monkeypatch.setattr(video_module, "_open", lambda source: opened.append(1) or real_open(source))
+    real_open = video_decode._open
+    monkeypatch.setattr(video_decode, "_open", lambda source: opened.append(1) or real_open(source))
     with pytest.raises(LimitExceededError, match="7200.0 s long"):
         decode_video(long_mp4, workers=4, max_seconds=3600)
     with pytest.raises(LimitExceededError, match="128 frames"):
@@ -504,7 +504,7 @@ def test_limits_are_checked_before_any_thread_starts(long_mp4, monkeypatch, alwa
 
 def test_parallel_decoding_timing(videos, caplog):
     """Times sequential against threaded decoding of a 4-minute 640x360 H.264 file (printed, not asserted)."""
-    caplog.set_level(logging.DEBUG, logger="glimpse.processing.video")
+    caplog.set_level(logging.DEBUG, logger="glimpse.processing.video_decode")
     started = time.perf_counter()
     path = write_repeated_video(videos / "wide.mp4", 640, 360, segment=120, repeats=60, rate=30, gop=30)
     written = time.perf_counter() - started
@@ -522,7 +522,7 @@ def test_parallel_decoding_timing(videos, caplog):
         assert_same_clip(clips[workers], reference)
     print(
         f"\n640x360 H.264, 7200 frames, keyframe every 30, 128 samples at 512x512 "
-        f"({video_module._cpu_count()} cores; written in {written:.1f} s): "
+        f"({video_decode._cpu_count()} cores; written in {written:.1f} s): "
         + ", ".join(f"workers={w}: {t:.2f} s" for w, t in times.items())
         + f"; speed-up x{times[1] / min(times[2], times[4]):.2f}"
     )

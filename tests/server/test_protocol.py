@@ -9,6 +9,7 @@ import pytest
 
 from glimpse.errors import InvalidRequestError, LimitExceededError
 from glimpse.outputs import Logprob
+from glimpse.server.logprobs import chat_logprobs, completion_logprobs
 from glimpse.server.protocol import (
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -32,10 +33,9 @@ from glimpse.server.protocol import (
     ToolMessage,
     Usage,
     VideoURLPart,
-    chat_logprobs,
-    completion_logprobs,
     parse_request,
 )
+from glimpse.server.request_params import to_sampling_params
 from glimpse.server.tool_parser import parse_tool_calls
 
 USER = [{"role": "user", "content": "Hi"}]
@@ -158,7 +158,7 @@ def test_multimodal_chat_request_as_the_client_sends_it():
     assert req.chat_template_kwargs == {"enable_thinking": True}
     assert req.media_io_kwargs == {"video": {"fps": 2, "num_frames": 64}}
     assert req.video_pruning_rate == 0.75
-    sp = req.to_sampling_params(default_max_tokens=4000)
+    sp = to_sampling_params(req, default_max_tokens=4000)
     assert (sp.max_tokens, sp.temperature, sp.top_p, sp.top_k) == (512, 0.6, 0.95, 20)
     # Dumping gives back OpenAI-style message dicts for the chat template.
     dumped = req.model_dump(mode="json", exclude_none=True, by_alias=True)["messages"]
@@ -183,7 +183,7 @@ def test_structured_output_request_as_beta_parse_sends_it():
             "json_schema": {"name": "Reply", "schema": schema, "strict": True},
         }
     )
-    assert req.to_sampling_params().json_schema == schema
+    assert to_sampling_params(req).json_schema == schema
     assert req.response_format.model_dump(by_alias=True)["json_schema"]["schema"] == schema
 
 
@@ -214,7 +214,7 @@ def test_unknown_fields_are_ignored():
 
 
 def test_defaults_when_nothing_is_given():
-    sp = chat().to_sampling_params()
+    sp = to_sampling_params(chat())
     assert (sp.n, sp.temperature, sp.top_p, sp.top_k, sp.max_tokens, sp.logprobs) == (
         1,
         1.0,
@@ -227,45 +227,47 @@ def test_defaults_when_nothing_is_given():
 
 
 def test_max_completion_tokens_is_an_alias_of_max_tokens():
-    assert chat(max_tokens=30).to_sampling_params().max_tokens == 30
-    assert chat(max_completion_tokens=40).to_sampling_params().max_tokens == 40
-    assert chat(max_tokens=30, max_completion_tokens=40).to_sampling_params().max_tokens == 40
+    assert to_sampling_params(chat(max_tokens=30)).max_tokens == 30
+    assert to_sampling_params(chat(max_completion_tokens=40)).max_tokens == 40
+    assert to_sampling_params(chat(max_tokens=30, max_completion_tokens=40)).max_tokens == 40
 
 
 def test_max_tokens_capped_by_room_in_context_and_server_default():
-    assert chat().to_sampling_params(default_max_tokens=100).max_tokens == 100
-    assert chat(max_tokens=500).to_sampling_params(default_max_tokens=100).max_tokens == 100
-    assert chat(max_tokens=50).to_sampling_params(default_max_tokens=100).max_tokens == 50
-    assert chat().to_sampling_params(100, defaults={"max_tokens": 64}).max_tokens == 64
-    err = bad(chat().to_sampling_params, 0)
+    assert to_sampling_params(chat(), default_max_tokens=100).max_tokens == 100
+    assert to_sampling_params(chat(max_tokens=500), default_max_tokens=100).max_tokens == 100
+    assert to_sampling_params(chat(max_tokens=50), default_max_tokens=100).max_tokens == 50
+    assert to_sampling_params(chat(), 100, defaults={"max_tokens": 64}).max_tokens == 64
+    err = bad(to_sampling_params, chat(), 0)
     assert err.param == "messages"
-    assert bad(completion().to_sampling_params, 0).param == "prompt"
+    assert bad(to_sampling_params, completion(), 0).param == "prompt"
 
 
 def test_server_defaults_fill_only_missing_fields():
     defaults = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "repetition_penalty": 1.1, "unrelated": 1}
-    sp = chat(temperature=0.0).to_sampling_params(defaults=defaults)
+    sp = to_sampling_params(chat(temperature=0.0), defaults=defaults)
     assert (sp.temperature, sp.top_p, sp.top_k, sp.repetition_penalty) == (0.0, 0.95, 20, 1.1)
 
 
 def test_sampling_fields_map_one_to_one():
-    sp = chat(
-        n=3,
-        temperature=0,  # greedy with n > 1 is allowed
-        top_p=0.5,
-        top_k=-1,
-        min_p=0.1,
-        presence_penalty=0.5,
-        frequency_penalty=-0.5,
-        repetition_penalty=1.2,
-        seed=-7,
-        stop="END",
-        stop_token_ids=[2, 11],
-        ignore_eos=True,
-        min_tokens=3,
-        max_tokens=9,
-        skip_special_tokens=False,
-    ).to_sampling_params()
+    sp = to_sampling_params(
+        chat(
+            n=3,
+            temperature=0,  # greedy with n > 1 is allowed
+            top_p=0.5,
+            top_k=-1,
+            min_p=0.1,
+            presence_penalty=0.5,
+            frequency_penalty=-0.5,
+            repetition_penalty=1.2,
+            seed=-7,
+            stop="END",
+            stop_token_ids=[2, 11],
+            ignore_eos=True,
+            min_tokens=3,
+            max_tokens=9,
+            skip_special_tokens=False,
+        )
+    )
     assert (sp.n, sp.temperature, sp.greedy, sp.top_p, sp.top_k, sp.min_p) == (3, 0.0, True, 0.5, 0, 0.1)
     assert (sp.presence_penalty, sp.frequency_penalty, sp.repetition_penalty, sp.seed) == (0.5, -0.5, 1.2, -7)
     assert (sp.stop, sp.stop_token_ids, sp.ignore_eos, sp.min_tokens, sp.max_tokens) == (
@@ -279,10 +281,10 @@ def test_sampling_fields_map_one_to_one():
 
 
 def test_chat_logprobs_map_to_top_k():
-    assert chat(logprobs=True).to_sampling_params().logprobs == 0
-    assert chat(logprobs=True, top_logprobs=5).to_sampling_params().logprobs == 5
-    assert chat(logprobs=False).to_sampling_params().logprobs is None
-    assert chat(top_logprobs=0).to_sampling_params().logprobs is None
+    assert to_sampling_params(chat(logprobs=True)).logprobs == 0
+    assert to_sampling_params(chat(logprobs=True, top_logprobs=5)).logprobs == 5
+    assert to_sampling_params(chat(logprobs=False)).logprobs is None
+    assert to_sampling_params(chat(top_logprobs=0)).logprobs is None
     assert bad(chat, top_logprobs=3).param == "top_logprobs"
     assert bad(chat, logprobs=False, top_logprobs=3).param == "top_logprobs"
 
@@ -308,11 +310,11 @@ def test_chat_logprobs_map_to_top_k():
     ],
 )
 def test_constrained_decoding_mapping(fields, schema, regex):
-    sp = chat(**fields).to_sampling_params()
+    sp = to_sampling_params(chat(**fields))
     assert (sp.json_schema, sp.regex) == (schema, regex)
     assert (
-        completion(**fields).to_sampling_params().json_schema,
-        completion(**fields).to_sampling_params().regex,
+        to_sampling_params(completion(**fields)).json_schema,
+        to_sampling_params(completion(**fields)).regex,
     ) == (
         schema,
         regex,
@@ -321,10 +323,10 @@ def test_constrained_decoding_mapping(fields, schema, regex):
 
 def test_completion_mapping():
     req = completion(logprobs=3, max_tokens=None, echo=False)
-    assert req.to_sampling_params(200).max_tokens == 200
-    assert completion().to_sampling_params().max_tokens == 16  # OpenAI's completions default
-    assert completion(logprobs=3).to_sampling_params(default_max_tokens=5).logprobs == 3
-    assert completion(logprobs=3).to_sampling_params(default_max_tokens=5).max_tokens == 5
+    assert to_sampling_params(req, 200).max_tokens == 200
+    assert to_sampling_params(completion()).max_tokens == 16  # OpenAI's completions default
+    assert to_sampling_params(completion(logprobs=3), default_max_tokens=5).logprobs == 3
+    assert to_sampling_params(completion(logprobs=3), default_max_tokens=5).max_tokens == 5
 
 
 @pytest.mark.parametrize(
@@ -759,7 +761,7 @@ def test_real_openai_client_round_trip():
         },
     )
     sent = parse_request(ChatCompletionRequest, seen[-1])
-    sp = sent.to_sampling_params(default_max_tokens=1000)
+    sp = to_sampling_params(sent, default_max_tokens=1000)
     assert (sp.max_tokens, sp.temperature, sp.top_k, sp.logprobs, sp.stop, sp.seed) == (
         64,
         0.2,
@@ -791,7 +793,7 @@ def test_real_openai_client_round_trip():
     done = client.completions.create(model="glimpse", prompt=[1, 2, 3], max_tokens=4, logprobs=2, n=2)
     sent = parse_request(CompletionRequest, seen[-1])
     assert sent.prompts() == [[1, 2, 3]]
-    assert (sent.to_sampling_params().max_tokens, sent.to_sampling_params().logprobs, sent.n) == (4, 2, 2)
+    assert (to_sampling_params(sent).max_tokens, to_sampling_params(sent).logprobs, sent.n) == (4, 2, 2)
     assert done.choices[0].text == " upon" and done.object == "text_completion"
 
 
@@ -805,6 +807,6 @@ def test_sse_event_is_one_line_for_any_generated_text():
     text = "a\u2028b\u2029c\x85d\u00e9\n\r\t\x1c"
     event = sse({"choices": [{"delta": {"content": text}}]})
     assert event.endswith("\n\n")
-    lines = event[: -2].splitlines()
+    lines = event[:-2].splitlines()
     assert len(lines) == 1 and lines[0].startswith("data: ")
     assert json.loads(lines[0][6:])["choices"][0]["delta"]["content"] == text

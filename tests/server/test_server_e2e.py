@@ -60,7 +60,7 @@ def client(server: Server) -> openai.OpenAI:
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from glimpse.loader import resolve_model_path
+    from glimpse.model.loading import resolve_model_path
 
     return AutoTokenizer.from_pretrained(str(resolve_model_path("tiny")))
 

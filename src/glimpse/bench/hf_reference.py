@@ -15,7 +15,7 @@ def build(arch: str | None, device: torch.device, dtype: torch.dtype):
     from transformers import NemotronHConfig, NemotronHForCausalLM
 
     from glimpse.bench.random_model import PRESETS
-    from glimpse.tiny import tiny_text_config
+    from glimpse.model.tiny import tiny_text_config
 
     ours = PRESETS[arch]() if arch else tiny_text_config()
     d = ours.to_dict("transformers") | {"time_step_limit": (0.0, math.inf)}

@@ -92,8 +92,9 @@ def profile_vision(device: torch.device, batch: int = 64, size: int = 512, varia
     epilogue only), pad (padding only), pad-flash / pad-cudnn / pad-efficient (padding, one SDPA backend)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from glimpse.config_radio import RadioConfig
     from glimpse.model import radio
-    from glimpse.model.radio import RadioConfig, RadioViT
+    from glimpse.model.radio import RadioViT
 
     vit = RadioViT(RadioConfig()).to(device, torch.bfloat16).eval()
     pixels = torch.randn(batch, 3, size, size, device=device, dtype=torch.bfloat16)

@@ -15,8 +15,8 @@ import math
 import torch
 
 from glimpse.config import NemotronHConfig, VLConfig
+from glimpse.config_radio import RadioConfig
 from glimpse.model.nemotron_h import NemotronHForCausalLM
-from glimpse.model.radio import RadioConfig
 
 PATTERN_12B = "M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-"
 
@@ -47,9 +47,9 @@ def nemotron_nano_12b_v2_vl() -> tuple[VLConfig, RadioConfig]:
 
 
 def nemotron_nano_vl_tiny() -> tuple[VLConfig, RadioConfig]:
-    """The tiny VL checkpoint's shapes (glimpse/tiny_vl.py), random: the CPU tests of the VL scenarios."""
-    from glimpse.tiny import tiny_text_config
-    from glimpse.tiny_vl import TINY_VL_CONTEXT, tiny_radio_config
+    """The tiny VL checkpoint's shapes (glimpse/model/tiny_vl.py), random: the CPU tests of the VL scenarios."""
+    from glimpse.model.tiny import tiny_text_config
+    from glimpse.model.tiny_vl import TINY_VL_CONTEXT, tiny_radio_config
 
     radio = tiny_radio_config()
     vocab = (len(bench_tokenizer()) + 63) // 64 * 64
@@ -77,7 +77,7 @@ def bench_tokenizer():
     """The tokenizer random VL models are served with: the tiny one (has <img>, <image>, </img>)."""
     global _TOKENIZER
     if _TOKENIZER is None:
-        from glimpse.tiny import build_tokenizer
+        from glimpse.model.tiny import build_tokenizer
 
         _TOKENIZER = build_tokenizer()
     return _TOKENIZER

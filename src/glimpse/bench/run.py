@@ -121,8 +121,7 @@ def _load(args, device: torch.device, dtype: torch.dtype, vl: bool = False):
     if args.random_weights:
         tokenizer = bench_tokenizer() if is_vl_preset(args.random_weights) else None
         return random_model(args.random_weights, device, dtype), tokenizer
-    from glimpse.loader import resolve_model_path
-    from glimpse.model.loading import load_model
+    from glimpse.model.loading import load_model, resolve_model_path
     from glimpse.processing.tokenizer import load_tokenizer
 
     path = resolve_model_path(args.model or ("tiny-vl" if vl else "tiny"))

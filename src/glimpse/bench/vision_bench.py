@@ -29,9 +29,9 @@ import torch
 from glimpse.bench.floors import median_seconds as _median_seconds
 from glimpse.bench.floors import sync as _sync
 from glimpse.bench.llm_bench import BenchContext, _engine, _release
+from glimpse.config_radio import RadioConfig
 from glimpse.engine.llm import input_processor
 from glimpse.engine.vision_encoder import normalise
-from glimpse.model.radio import RadioConfig
 from glimpse.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -355,9 +355,9 @@ class _DecodeLog(logging.Handler):
 
 
 def _decode_sampled(path: Path, fps: float, num_frames: int, size: int) -> tuple[float, int, _DecodeLog]:
-    from glimpse.processing.video import decode_video
+    from glimpse.processing.video_decode import decode_video
 
-    logger = logging.getLogger("glimpse.processing.video")
+    logger = logging.getLogger("glimpse.processing.video_decode")
     handler, level, propagate = _DecodeLog(), logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)

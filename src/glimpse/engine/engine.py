@@ -31,8 +31,7 @@ from glimpse.engine.structured import StructuredOutputCompiler
 from glimpse.engine.vision_encoder import CachedVisionEncoder
 from glimpse.errors import InvalidRequestError
 from glimpse.inputs import MediaSpan
-from glimpse.loader import resolve_model_path
-from glimpse.model.loading import load_model
+from glimpse.model.loading import load_model, resolve_model_path
 from glimpse.outputs import RequestOutput
 from glimpse.processing.reasoning import prompt_ends_in_reasoning, think_token_ids
 from glimpse.processing.tokenizer import end_of_sequence_ids, load_tokenizer

@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from glimpse.config_radio import RadioConfig
 from glimpse.model.projector import pixel_shuffle_v2
-from glimpse.model.radio import RadioConfig, RadioViT
+from glimpse.model.radio import RadioViT
 
 
 class RadioHolder(nn.Module):

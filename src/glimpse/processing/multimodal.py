@@ -33,7 +33,8 @@ from glimpse.processing.media import (
     resolve_local_path,
 )
 from glimpse.processing.pdf import render_pdf
-from glimpse.processing.video import VideoClip, clip_from_frames, decode_video, frame_prompt_text
+from glimpse.processing.video import VideoClip, clip_from_frames, frame_prompt_text
+from glimpse.processing.video_decode import decode_video
 
 _MARKER = "\x00media{}\x00"
 _MARKER_RE = re.compile("\x00media(\\d+)\x00")

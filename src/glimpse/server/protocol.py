@@ -1,15 +1,15 @@
-"""OpenAI API request and response models (API.md, HTTP), and their mapping to SamplingParams.
+"""OpenAI API request and response models (API.md, HTTP): what a client may send, and what it gets back.
 
 Requests ignore unknown fields (clients send extras) but type-check the ones they know strictly: `true`
 is not a number and `"0.5"` is not a float. Checks that span several fields raise
 `InvalidRequestError` with `param` straight out of validation, so `parse_request` is the one door a
 request body goes through. Response models serialise to OpenAI's exact shapes with `model_dump()`.
+What a request means for the engine is request_params.py's job; logprobs.py builds the logprobs shapes.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -30,8 +30,6 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from glimpse.errors import GlimpseError, InvalidRequestError
-from glimpse.outputs import Logprob
-from glimpse.sampling_params import SamplingParams
 
 # Strict scalars: JSON `true` must not pass as 1 nor `"2"` as 2. Ints still pass as floats.
 Int = Annotated[int, Strict()]
@@ -39,8 +37,6 @@ Float = Annotated[float, Strict()]
 Bool = Annotated[bool, Strict()]
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-# Log-probabilities of -inf have no JSON spelling; vLLM sends this instead.
-_MIN_LOGPROB = -9999.0
 
 
 def random_id(prefix: str) -> str:
@@ -311,47 +307,6 @@ class StructuredOutputs(OpenAIModel):
         return self
 
 
-def _regex_escape(text: str) -> str:
-    """Escape only the metacharacters every regex dialect shares, so any constrained decoder reads it."""
-    return "".join("\\" + c if c in "\\.^$|?*+()[]{}" else c for c in text)
-
-
-def _constraint(
-    response_format: ResponseFormat | None, structured: StructuredOutputs | None
-) -> tuple[dict[str, Any] | None, str | None]:
-    """(json_schema, regex) from response_format or structured_outputs; both at once is an error."""
-    fmt = response_format if response_format is not None and response_format.type != "text" else None
-    if fmt is not None and structured is not None:
-        raise InvalidRequestError(
-            "give response_format or structured_outputs, not both", param="structured_outputs"
-        )
-    if fmt is not None:
-        if fmt.type == "json_object" or fmt.json_schema is None or fmt.json_schema.schema_ is None:
-            return {"type": "object"}, None
-        return fmt.json_schema.schema_, None
-    if structured is None:
-        return None, None
-    if structured.regex is not None:
-        return None, structured.regex
-    if structured.choice is not None:
-        return None, "(" + "|".join(_regex_escape(c) for c in structured.choice) + ")"
-    if structured.json_object:
-        return {"type": "object"}, None
-    schema = structured.json_
-    if isinstance(schema, str):
-        try:
-            schema = json.loads(schema)
-        except ValueError:
-            raise InvalidRequestError(
-                "structured_outputs.json is not valid JSON", param="structured_outputs.json"
-            ) from None
-        if not isinstance(schema, dict):
-            raise InvalidRequestError(
-                "structured_outputs.json must be a JSON schema object", param="structured_outputs.json"
-            )
-    return schema, None
-
-
 # ---------------------------------------------------------------- requests
 
 
@@ -384,17 +339,6 @@ class _SamplingRequest(OpenAIModel):
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
-
-    # Fields a server's defaults (the model's generation_config) may fill when a request leaves them out.
-    _DEFAULTABLE: ClassVar[tuple[str, ...]] = (
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "presence_penalty",
-        "frequency_penalty",
-        "repetition_penalty",
-    )
 
     @field_validator("stop")
     @classmethod
@@ -432,7 +376,7 @@ class _SamplingRequest(OpenAIModel):
             except ValidationError as exc:
                 name = "guided_" + next(iter(legacy))
                 raise InvalidRequestError(f"{name}: {exc.errors()[0]['msg']}", param=name) from None
-        _constraint(self.response_format, self.structured_outputs)  # raise early on conflicts
+        self._check_constraint()
         max_tokens = self.requested_max_tokens
         if self.min_tokens is not None and max_tokens is not None and self.min_tokens > max_tokens:
             raise InvalidRequestError(
@@ -440,6 +384,29 @@ class _SamplingRequest(OpenAIModel):
                 param="min_tokens",
             )
         return self
+
+    def _check_constraint(self) -> None:
+        """response_format and structured_outputs are exclusive, and a schema sent as a JSON string must
+        parse to an object: a 400 before the request goes anywhere."""
+        if self.response_format is not None and self.response_format.type != "text":
+            if self.structured_outputs is not None:
+                raise InvalidRequestError(
+                    "give response_format or structured_outputs, not both", param="structured_outputs"
+                )
+            return
+        structured = self.structured_outputs
+        if structured is None or not isinstance(structured.json_, str):
+            return
+        try:
+            schema = json.loads(structured.json_)
+        except ValueError:
+            raise InvalidRequestError(
+                "structured_outputs.json is not valid JSON", param="structured_outputs.json"
+            ) from None
+        if not isinstance(schema, dict):
+            raise InvalidRequestError(
+                "structured_outputs.json must be a JSON schema object", param="structured_outputs.json"
+            )
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -449,50 +416,6 @@ class _SamplingRequest(OpenAIModel):
     def include_usage(self) -> bool:
         """Whether a stream ends with a usage chunk (stream_options.include_usage)."""
         return bool(self.stream and self.stream_options is not None and self.stream_options.include_usage)
-
-    def _sampling_params(
-        self,
-        *,
-        logprobs: int | None,
-        default_max_tokens: int | None,
-        defaults: Mapping[str, Any] | None,
-        prompt_param: str,
-    ) -> SamplingParams:
-        defaults = defaults or {}
-        kwargs: dict[str, Any] = {k: defaults[k] for k in self._DEFAULTABLE if defaults.get(k) is not None}
-        kwargs.update({k: getattr(self, k) for k in self._DEFAULTABLE if getattr(self, k) is not None})
-        if default_max_tokens is not None and default_max_tokens < 1:
-            raise InvalidRequestError(
-                "the prompt leaves no room to generate within the model's context length", param=prompt_param
-            )
-        # As vLLM: the smallest of what was asked, the server's cap and the room left in the context.
-        limits = [self.requested_max_tokens, defaults.get("max_tokens"), default_max_tokens]
-        limits = [v for v in limits if v is not None]
-        json_schema, regex = _constraint(self.response_format, self.structured_outputs)
-        kwargs.update(
-            n=self.n or 1,
-            seed=self.seed,
-            stop=self.stop,
-            stop_token_ids=self.stop_token_ids,
-            ignore_eos=bool(self.ignore_eos),
-            max_tokens=min(limits) if limits else None,
-            min_tokens=self.min_tokens or 0,
-            logprobs=logprobs,
-            skip_special_tokens=True if self.skip_special_tokens is None else self.skip_special_tokens,
-            json_schema=json_schema,
-            regex=regex,
-        )
-        if kwargs["max_tokens"] is not None and kwargs["min_tokens"] > kwargs["max_tokens"]:
-            raise InvalidRequestError(
-                f"min_tokens ({kwargs['min_tokens']}) must not exceed max_tokens ({kwargs['max_tokens']}, "
-                "after capping to the room left in the context)",
-                param="min_tokens",
-            )
-        try:
-            return SamplingParams(**kwargs)
-        except ValueError as exc:  # a server default out of range; the request's own fields were checked
-            name = str(exc).split(" ", 1)[0]
-            raise InvalidRequestError(str(exc), param=name if name in kwargs else None) from None
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -535,22 +458,6 @@ class ChatCompletionRequest(_SamplingRequest):
         """Whether the output should be parsed for tool calls (tools given and tool_choice not "none")."""
         return bool(self.tools) and self.tool_choice != "none"
 
-    def to_sampling_params(
-        self, default_max_tokens: int | None = None, defaults: Mapping[str, Any] | None = None
-    ) -> SamplingParams:
-        """SamplingParams for this request.
-
-        `default_max_tokens` is the room left in the context (max_model_len - prompt tokens); `defaults`
-        are the server's sampling defaults (from the model's generation_config) for fields not given.
-        """
-        logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(
-            logprobs=logprobs,
-            default_max_tokens=default_max_tokens,
-            defaults=defaults,
-            prompt_param="messages",
-        )
-
 
 TokenIds = list[Annotated[Int, Field(ge=0)]]
 
@@ -592,17 +499,6 @@ class CompletionRequest(_SamplingRequest):
         if all(isinstance(x, int) for x in p):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
-
-    def to_sampling_params(
-        self, default_max_tokens: int | None = None, defaults: Mapping[str, Any] | None = None
-    ) -> SamplingParams:
-        """SamplingParams for this request; arguments as in ChatCompletionRequest.to_sampling_params."""
-        return self._sampling_params(
-            logprobs=self.logprobs,
-            default_max_tokens=default_max_tokens,
-            defaults=defaults,
-            prompt_param="prompt",
-        )
 
 
 def _param_from_loc(loc: Sequence[int | str]) -> str | None:
@@ -728,69 +624,6 @@ class CompletionLogprobs(ResponseModel):
     token_logprobs: list[float | None] = Field(default_factory=list)
     tokens: list[str] = Field(default_factory=list)
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
-
-
-def _finite(logprob: float) -> float:
-    return max(logprob, _MIN_LOGPROB) if not math.isnan(logprob) else _MIN_LOGPROB
-
-
-def _token_text(token_id: int, entry: Logprob | None) -> str:
-    if entry is not None and entry.decoded_token is not None:
-        return entry.decoded_token
-    return f"token_id:{token_id}"  # vLLM's spelling when a token has no text
-
-
-def _ranked(step: Mapping[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
-    """The k most likely of one step's entries (the sampled token is in `step` even when not top-k)."""
-    order = sorted(step.items(), key=lambda kv: (kv[1].rank is None, kv[1].rank or 0, -kv[1].logprob))
-    return order[:k]
-
-
-def chat_logprobs(
-    token_ids: Sequence[int], logprobs: Sequence[Mapping[int, Logprob]], top_logprobs: int
-) -> ChatLogprobs:
-    """OpenAI chat logprobs from CompletionOutput.token_ids/.logprobs (one dict per generated token)."""
-    content = []
-    for token_id, step in zip(token_ids, logprobs):
-        entry = step.get(token_id)
-        text = _token_text(token_id, entry)
-        tops = [
-            TopLogprob(token=(t := _token_text(i, lp)), logprob=_finite(lp.logprob), bytes=list(t.encode()))
-            for i, lp in _ranked(step, top_logprobs)
-        ]
-        content.append(
-            TokenLogprob(
-                token=text,
-                logprob=_finite(entry.logprob) if entry is not None else _MIN_LOGPROB,
-                bytes=list(text.encode()),
-                top_logprobs=tops,
-            )
-        )
-    return ChatLogprobs(content=content)
-
-
-def completion_logprobs(
-    token_ids: Sequence[int],
-    logprobs: Sequence[Mapping[int, Logprob]],
-    top_logprobs: int,
-    text_offset: int = 0,
-) -> CompletionLogprobs:
-    """OpenAI completions logprobs; `text_offset` is where this text starts (stream position, echo)."""
-    out = CompletionLogprobs()
-    offset = text_offset
-    for token_id, step in zip(token_ids, logprobs):
-        entry = step.get(token_id)
-        text = _token_text(token_id, entry)
-        out.tokens.append(text)
-        out.token_logprobs.append(_finite(entry.logprob) if entry is not None else None)
-        out.top_logprobs.append(
-            {_token_text(i, lp): _finite(lp.logprob) for i, lp in _ranked(step, top_logprobs)}
-            if top_logprobs
-            else None
-        )
-        out.text_offset.append(offset)
-        offset += len(text)
-    return out
 
 
 class ResponseFunctionCall(ResponseModel):

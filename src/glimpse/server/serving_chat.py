@@ -25,6 +25,7 @@ from fastapi.responses import Response
 from glimpse.errors import GlimpseError, InvalidRequestError, MediaError
 from glimpse.inputs import ProcessedInput
 from glimpse.outputs import CompletionOutput, RequestOutput
+from glimpse.server.logprobs import chat_logprobs
 from glimpse.server.protocol import (
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -41,7 +42,6 @@ from glimpse.server.protocol import (
     Tool,
     UserMessage,
     VideoURLPart,
-    chat_logprobs,
     parse_request,
     random_id,
 )

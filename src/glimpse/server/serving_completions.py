@@ -25,6 +25,7 @@ from glimpse.inputs import ProcessedInput
 from glimpse.outputs import CompletionOutput, RequestOutput
 from glimpse.sampling_params import SamplingParams
 from glimpse.server.args import ServerLimits
+from glimpse.server.logprobs import completion_logprobs
 from glimpse.server.metrics import ServerMetrics
 from glimpse.server.protocol import (
     CompletionChoice,
@@ -33,10 +34,10 @@ from glimpse.server.protocol import (
     CompletionResponse,
     ErrorResponse,
     Usage,
-    completion_logprobs,
     parse_request,
     random_id,
 )
+from glimpse.server.request_params import to_sampling_params
 
 log = logging.getLogger(__name__)
 
@@ -276,8 +277,8 @@ class ServingBase:
     ) -> SamplingParams:
         n_prompt = len(inp.prompt_token_ids)
         self.check_context(n_prompt, param)
-        params = req.to_sampling_params(
-            default_max_tokens=self.ctx.max_model_len - n_prompt, defaults=self.ctx.sampling_defaults
+        params = to_sampling_params(
+            req, default_max_tokens=self.ctx.max_model_len - n_prompt, defaults=self.ctx.sampling_defaults
         )
         if forced is not None:
             params.forced_token_ids = forced

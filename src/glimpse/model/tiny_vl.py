@@ -3,21 +3,12 @@ tokens per tile and per video frame), tiny widths, a context that fits a 128-fra
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
-from glimpse.config import VLConfig
+from glimpse.config import NemotronHConfig, VLConfig
+from glimpse.config_radio import RadioConfig
 from glimpse.model.projector import Projector
-from glimpse.model.radio import RadioConfig, RadioViT
-from glimpse.tiny import (
-    random_llm_state_dict,
-    rename_llm,
-    tiny_text_config,
-    write_safetensors,
-    write_tokenizer_files,
-)
+from glimpse.model.radio import RadioViT
 
 TINY_VL_CONTEXT = 49152  # the real model's trained context; 128 frames x 258 tokens fit
 
@@ -28,8 +19,11 @@ def tiny_radio_config() -> RadioConfig:
     )
 
 
-def make_tiny_vl(out: Path, tokenizer, vocab: int, *, seed: int, style: str, shards: int) -> Path:
-    llm = tiny_text_config(max_position_embeddings=TINY_VL_CONTEXT, vocab_size=vocab)
+def tiny_vl_checkpoint(
+    llm: NemotronHConfig, llm_state: dict[str, torch.Tensor], seed: int
+) -> tuple[VLConfig, dict[str, torch.Tensor]]:
+    """The VL config and every tensor, around a language model whose tensors (`language_model.*`) are
+    given; the vision weights are random from `seed + 1`."""
     radio = tiny_radio_config()
     config = VLConfig(
         llm=llm,
@@ -37,7 +31,7 @@ def make_tiny_vl(out: Path, tokenizer, vocab: int, *, seed: int, style: str, sha
         projector_hidden_size=96,
         vit_hidden_size=radio.hidden_size,
     )
-    state = rename_llm(random_llm_state_dict(llm, seed), "backbone", outer="language_model.")
+    state = dict(llm_state)
     gen = torch.Generator().manual_seed(seed + 1)
     vit = RadioViT(radio)
     for name, p in vit.state_dict().items():
@@ -57,7 +51,4 @@ def make_tiny_vl(out: Path, tokenizer, vocab: int, *, seed: int, style: str, sha
         3, 1, 1
     )
     state["vision_model.radio_model.input_conditioner.norm_std"] = torch.tensor(config.norm_std).view(3, 1, 1)
-    write_safetensors(state, out, shards)
-    (out / "config.json").write_text(json.dumps(config.to_dict(style), indent=2))
-    write_tokenizer_files(tokenizer, out, llm)
-    return out
+    return config, state

@@ -2,12 +2,14 @@
 
 They are what the tests, the README's first command and CI run on: real loading code, real tokenizer
 and chat template machinery, no download. Widths are tiny; names, spellings and geometry are real.
+The built-in models `tiny` and `tiny-vl` are these, made once under $GLIMPSE_CACHE (`ensure_builtin`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 from collections import Counter
@@ -17,7 +19,11 @@ from typing import Literal
 
 import torch
 
-from glimpse.config import NemotronHConfig
+from glimpse.config import NemotronHConfig, VLConfig
+from glimpse.model.nemotron_h import NemotronHForCausalLM
+from glimpse.model.tiny_vl import TINY_VL_CONTEXT, tiny_vl_checkpoint
+
+BUILTIN_MODELS = ("tiny", "tiny-vl")
 
 # Special tokens of the real tokenizer that the template and the engine rely on (names, not ids).
 SPECIAL_TOKENS = [
@@ -138,8 +144,6 @@ def build_tokenizer(num_merges: int = 350):
 # Weights --------------------------------------------------------------------------------------------------
 def random_llm_state_dict(config: NemotronHConfig, seed: int) -> dict[str, torch.Tensor]:
     """Random weights with the right structure: small linears, unit norms, Mamba2's usual A/dt ranges."""
-    from glimpse.model.nemotron_h import NemotronHForCausalLM
-
     gen = torch.Generator().manual_seed(seed)
     model = NemotronHForCausalLM(config)
     out = {}
@@ -204,15 +208,17 @@ def make_tiny(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     vocab = (len(tokenizer) + 63) // 64 * 64
+    config: NemotronHConfig | VLConfig
     if vl:
-        from glimpse.tiny_vl import make_tiny_vl
-
-        return make_tiny_vl(out, tokenizer, vocab, seed=seed, style=style, shards=shards)
-    config = tiny_text_config(vocab_size=vocab)
-    state = rename_llm(random_llm_state_dict(config, seed), name_prefix)
+        llm = tiny_text_config(max_position_embeddings=TINY_VL_CONTEXT, vocab_size=vocab)
+        llm_state = rename_llm(random_llm_state_dict(llm, seed), "backbone", outer="language_model.")
+        config, state = tiny_vl_checkpoint(llm, llm_state, seed)
+    else:
+        config = llm = tiny_text_config(vocab_size=vocab)
+        state = rename_llm(random_llm_state_dict(llm, seed), name_prefix)
     write_safetensors(state, out, shards)
     (out / "config.json").write_text(json.dumps(config.to_dict(style), indent=2))
-    write_tokenizer_files(tokenizer, out, config)
+    write_tokenizer_files(tokenizer, out, llm)
     return out
 
 
@@ -223,10 +229,12 @@ def write_tokenizer_files(tokenizer, out: Path, config: NemotronHConfig) -> None
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
 
 
+def cache_dir() -> Path:
+    return Path(os.environ.get("GLIMPSE_CACHE", Path.home() / ".cache" / "glimpse"))
+
+
 def ensure_builtin(name: str) -> Path:
     """`tiny` / `tiny-vl`: made once (seed 0) under $GLIMPSE_CACHE, atomically so parallel users agree."""
-    from glimpse.loader import cache_dir
-
     target = cache_dir() / "models" / name
     if (target / ".complete").is_file():
         return target
