@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from glimpse.errors import MediaError
+from glimpse.inputs import ProcessedInput
 from glimpse.outputs import CompletionOutput, RequestOutput
-from glimpse.processing.inputs import ProcessedInput
 from glimpse.processing.media import MediaLimits
 from glimpse.server.app import build_app
 from glimpse.server.metrics import ServerMetrics, parse_text
@@ -56,15 +56,22 @@ class FakeLLM:
 
     def __init__(self) -> None:
         self.engine = SimpleNamespace(
-            max_model_len=64, tokenizer=FakeTokenizer(), eos_token_ids=[0], processor=FakeProcessor(),
+            max_model_len=64, tokenizer=FakeTokenizer(), eos_token_ids=[0],
             cfg=SimpleNamespace(model="fake-model"), model_dir="/nonexistent", stats=lambda: {},
         )  # fmt: skip
+        self.processor = FakeProcessor()
         self.params = []
         self.fail_after: int | None = None
         self.active = 0
 
     def is_idle(self) -> bool:
         return self.active == 0
+
+    def process(self, prompt) -> ProcessedInput:
+        return self.processor.from_prompt(prompt)
+
+    def process_chat(self, messages, **kwargs) -> ProcessedInput:
+        return self.processor.from_messages(messages, **kwargs)
 
     def shutdown(self) -> None:
         pass
@@ -125,9 +132,9 @@ def test_unexpected_error_is_a_500_and_the_server_goes_on():
     async def go():
         client, llm = make_client()
         async with client:
-            llm.engine.processor.fail = KeyError("a bug")
+            llm.processor.fail = KeyError("a bug")
             bad = await client.post("/v1/chat/completions", json=CHAT)
-            llm.engine.processor.fail = None
+            llm.processor.fail = None
             good = await client.post("/v1/chat/completions", json=CHAT)
             metrics = (await client.get("/metrics")).text
         return bad, good, metrics
@@ -143,12 +150,12 @@ def test_unexpected_error_is_a_500_and_the_server_goes_on():
 def test_media_decoding_failure_is_a_400():
     async def go():
         client, llm = make_client()
-        llm.engine.processor.fail = OSError("cannot identify image file")
+        llm.processor.fail = OSError("cannot identify image file")
         image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
         body = {**CHAT, "messages": [{"role": "user", "content": [image, {"type": "text", "text": "?"}]}]}
         async with client:
             r = await client.post("/v1/chat/completions", json=body)
-            llm.engine.processor.fail = MediaError("image too odd", param="messages")
+            llm.processor.fail = MediaError("image too odd", param="messages")
             r2 = await client.post("/v1/chat/completions", json=body)
         return r, r2
 
@@ -168,7 +175,7 @@ def test_media_counted_before_loading():
         body = {**CHAT, "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": "?"}]}]}
         async with client:
             r = await client.post("/v1/chat/completions", json=body)
-        return r, llm.engine.processor.calls
+        return r, llm.processor.calls
 
     r, calls = run(go([image] * 17))
     assert r.status_code == 400 and calls == 0 and "17 images" in r.json()["error"]["message"]

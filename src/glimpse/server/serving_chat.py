@@ -23,8 +23,8 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from glimpse.errors import GlimpseError, InvalidRequestError, MediaError
+from glimpse.inputs import ProcessedInput
 from glimpse.outputs import CompletionOutput, RequestOutput
-from glimpse.processing.inputs import ProcessedInput
 from glimpse.server.logprobs import chat_logprobs
 from glimpse.server.protocol import (
     ChatCompletionChoice,
@@ -262,9 +262,8 @@ class ChatHandler(ServingBase):
             media_limits=self.ctx.media_limits,
             media_policy=self.ctx.media_policy,
         )
-        processor = self.ctx.llm.engine.processor
         try:
-            return await asyncio.to_thread(processor.from_messages, messages, **kwargs)
+            return await asyncio.to_thread(self.ctx.llm.process_chat, messages, **kwargs)
         except GlimpseError:
             raise
         except _MEDIA_FAILURES as e:

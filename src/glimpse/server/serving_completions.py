@@ -21,8 +21,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from glimpse.engine.async_llm import AsyncLLM
 from glimpse.errors import GlimpseError, InvalidRequestError, LimitExceededError, NotFoundError
+from glimpse.inputs import ProcessedInput
 from glimpse.outputs import CompletionOutput, RequestOutput
-from glimpse.processing.inputs import ProcessedInput
 from glimpse.processing.media import MediaLimits, MediaPolicy
 from glimpse.sampling_params import SamplingParams
 from glimpse.server.logprobs import completion_logprobs
@@ -384,10 +384,9 @@ class CompletionsHandler(ServingBase):
         req = parse_request(CompletionRequest, body)
         self.check_model(req.model)
         forced = self.forced_output(body)
-        processor = self.ctx.llm.engine.processor
         inputs: list[ProcessedInput] = []
         for p in req.prompts():
-            inp = processor.from_prompt(p if isinstance(p, str) else {"prompt_token_ids": p})
+            inp = self.ctx.llm.process(p if isinstance(p, str) else {"prompt_token_ids": p})
             if not inp.prompt_token_ids:
                 raise InvalidRequestError("the prompt is empty", param="prompt")
             inputs.append(inp)
