@@ -100,6 +100,10 @@ def _e(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def _span_label(start: float, end: float) -> str:
     return clock(start) if int(start) == int(end) else f"{clock(start)}–{clock(end)}"
 
@@ -132,8 +136,9 @@ def _cited_section(title: str, anchor: str, cited: dict[str, Any], question: str
         items = "".join(
             f"<li>{_e(c['name'])}({_e(json.dumps(c['arguments'], ensure_ascii=False))})</li>" for c in calls
         )
-        parts.append(f'<details class="steps"><summary>{len(calls)} tool calls in {len(steps)} steps '
-                     f'(stopped: {_e(cited.get("stopped"))})</summary><ol>{items}</ol></details>')  # fmt: skip
+        counted = f"{_plural(len(calls), 'tool call')} in {_plural(len(steps), 'step')}"
+        parts.append(f'<details class="steps"><summary>{counted} (stopped: {_e(cited.get("stopped"))})</summary>'
+                     f"<ol>{items}</ol></details>")  # fmt: skip
     parts.append("</section>")
     return "".join(parts)
 

@@ -22,8 +22,8 @@ _SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
 
 
 def decoding_schema(schema: Any, max_string: int | None = None, max_items: int | None = None) -> Any:
-    """A copy for the decoder: unknown keywords dropped; strings and arrays without a bound get
-    `max_string` / `max_items` when given."""
+    """A copy for the decoder: unknown keywords dropped; objects closed to their listed properties;
+    strings and arrays without a bound get `max_string` / `max_items` when given."""
     if not isinstance(schema, dict):
         return schema
     out: dict[str, Any] = {}
@@ -39,6 +39,8 @@ def decoding_schema(schema: Any, max_string: int | None = None, max_items: int |
         out[key] = value
     types = out.get("type")
     types = types if isinstance(types, list) else [types]
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False  # else the model may invent keys, unbounded strings
     if (
         "string" in types
         and max_string
