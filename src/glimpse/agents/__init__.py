@@ -3,6 +3,14 @@ citations, and a report) and `extract` (documents -> schema-valid records citing
 
 Both talk to the model through a `ModelClient`: `InProcessClient` (glimpse.LLM in this process) or
 `HTTPClient` (any OpenAI-compatible server); `make_client` picks one.
+
+With `glimpse serve` (the recipe for a GPU box and a web playground): run
+`glimpse serve nvidia/NVIDIA-Nemotron-Nano-12B-v2-VL-BF16 --host 0.0.0.0 --api-key KEY` there, then
+anywhere `glimpse video FILE --base-url http://BOX:8000/v1 --api-key KEY --ask Q --out DIR` (or
+`analyze_video(FILE, HTTPClient(URL, api_key=KEY))`): DIR/report.html is self-contained (a playground
+can link or frame it beside the video) and DIR/report.json carries the same results as data. Likewise
+`glimpse extract INPUTS --schema S.json --base-url ...`. The server needs no extra flags: clips travel as
+small MP4 `data:` URLs and pages as JPEG `data:` URLs, never as local paths.
 """
 
 from glimpse.agents.client import (

@@ -28,6 +28,7 @@ from PIL import Image
 
 from glimpse.agents.media import Clip, data_url, encode_clip, jpeg_bytes
 from glimpse.agents.toolcalls import ToolCall, parse_arguments, parse_tool_calls
+from glimpse.sampling_params import SamplingParams
 
 DEFAULT_MODEL = "nvidia/NVIDIA-Nemotron-Nano-12B-v2-VL-BF16"
 # Text that would read as a media placeholder or an image marker once rendered: defused in our prompts.
@@ -97,7 +98,7 @@ class InProcessClient(ModelClient):
 
     def __init__(self, llm: Any, name: str | None = None) -> None:
         if isinstance(llm, str):
-            from glimpse import LLM
+            from glimpse.engine.llm import LLM  # torch and the model code: only for in-process use
 
             name, llm = name or llm, LLM(llm)
         self.llm = llm
@@ -145,9 +146,7 @@ class InProcessClient(ModelClient):
         return prompt
 
     @staticmethod
-    def _params(req: ModelRequest):
-        from glimpse import SamplingParams
-
+    def _params(req: ModelRequest) -> SamplingParams:
         return SamplingParams(
             max_tokens=req.max_tokens, temperature=req.temperature, seed=req.seed, json_schema=req.json_schema
         )
@@ -283,13 +282,16 @@ class HTTPClient(ModelClient):
 
     def complete(self, requests: list[ModelRequest], on_done: OnDone | None = None) -> list[Completion]:
         results: list[Completion | None] = [None] * len(requests)
-        with ThreadPoolExecutor(min(self.concurrency, max(1, len(requests)))) as pool:
+        pool = ThreadPoolExecutor(min(self.concurrency, max(1, len(requests))))
+        try:
             futures = {pool.submit(self._one, req): i for i, req in enumerate(requests)}
             for future in as_completed(futures):
                 i = futures[future]
                 results[i] = future.result()
                 if on_done is not None:
                     on_done(i, results[i])
+        finally:  # interrupted (Ctrl-C): drop the requests not yet sent instead of waiting for them
+            pool.shutdown(wait=False, cancel_futures=True)
         return [r for r in results if r is not None]
 
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,9 @@ class ExtractOptions:
     max_string: int = 2000  # bound for strings the schema leaves unbounded (decoding only)
     max_items: int = 256  # bound for arrays the schema leaves unbounded (decoding only)
     max_tokens: int = 4096
-    batch_documents: int = 32
+    batch_documents: int = 32  # documents per batched model call, at most
+    batch_pages: int = 256  # pages per batched model call, about (a chunk closes once it has this many)
+    prefetch_documents: int = 8  # documents loaded ahead of the model
     reask: bool = True
     limits: LoopLimits = field(default_factory=lambda: LoopLimits(max_steps=3))
     temperature: float = 0.0
@@ -329,13 +332,14 @@ class ExtractAgent:
             return
         try:
             doc.pages = load_pages(doc.path, o.max_pages, o.dpi)
-        except (OSError, ValueError) as e:
-            self._error(doc, str(e))
+        except (
+            Exception
+        ) as e:  # whatever a broken file makes the PDF or image library raise: its line says so
+            self._error(doc, str(e) or type(e).__name__)
 
     def _chunk(self, docs: list[_Doc]) -> None:
+        """Every loaded document of `docs` to its line: groups, merge, validation, one re-ask."""
         o = self.options
-        with ThreadPoolExecutor(4) as pool:
-            list(pool.map(lambda d: self._load(d, o.cache_dir), docs))
         todo = [d for d in docs if d.line is None]
         plan = [(d, g) for d in todo for g in self._groups(d)]
         outs = self.client.complete([self.group_request(d, *g) for d, g in plan])
@@ -378,19 +382,43 @@ class ExtractAgent:
             d.pages = []  # free the page images
 
     def run(self, inputs: list[str | Path]) -> Iterator[dict[str, Any]]:
-        """One line per input file, in input order."""
+        """One line per input file, in input order.
+
+        Documents load (read, render) a few ahead in threads while the model works on the current
+        chunk; a chunk closes at `batch_documents` documents or `batch_pages` pages, which bounds memory.
+        """
         paths = expand_inputs(inputs)
         o = self.options
         bar = tqdm(total=len(paths), desc="documents", unit="doc", disable=not o.progress, leave=False)
-        try:
-            for lo in range(0, len(paths), o.batch_documents):
-                docs = [_Doc(lo + k, p) for k, p in enumerate(paths[lo : lo + o.batch_documents])]
-                self._chunk(docs)
-                for d in docs:
-                    bar.update(1)
-                    yield d.line
-        finally:
-            bar.close()
+        pending = iter(enumerate(paths))
+        window: deque[tuple[_Doc, Future]] = deque()
+        with ThreadPoolExecutor(4) as pool:
+
+            def load_next() -> None:
+                for index, path in pending:
+                    doc = _Doc(index, path)
+                    window.append((doc, pool.submit(self._load, doc, o.cache_dir)))
+                    return
+
+            for _ in range(o.prefetch_documents):
+                load_next()
+            chunk: list[_Doc] = []
+            pages = 0
+            try:
+                while window:
+                    doc, loading = window.popleft()
+                    loading.result()
+                    load_next()
+                    chunk.append(doc)
+                    pages += len(doc.pages)
+                    if len(chunk) >= o.batch_documents or pages >= o.batch_pages or not window:
+                        self._chunk(chunk)
+                        for d in chunk:
+                            bar.update(1)
+                            yield d.line
+                        chunk, pages = [], 0
+            finally:
+                bar.close()
 
 
 def write_tables(record: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:

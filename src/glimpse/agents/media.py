@@ -24,7 +24,7 @@ MODEL_FRAME_SIZE = 512  # the tile size: every video frame becomes one 512x512 t
 THUMB_WIDTH = 160
 
 
-class VideoReadError(Exception):
+class VideoReadError(ValueError):
     """The file can't be read as a video (missing, corrupt, no video stream)."""
 
 

@@ -208,7 +208,8 @@ class VideoAgent:
         d = info.duration
 
         def number(args: dict[str, Any], key: str, default: float | None = None) -> float:
-            value = args.get(key, default)
+            value = args.get(key)
+            value = default if value is None else value
             try:
                 return float(value)
             except (TypeError, ValueError):
