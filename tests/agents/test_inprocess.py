@@ -188,3 +188,49 @@ def test_extract_batch_with_a_corrupt_file_and_resume(tiny, documents, tmp_path)
     again = extract([documents[0].parent], DOC_SCHEMA, counting, options)  # a directory: walked, sorted
     assert counting.requests == []  # every finished document came from the cache
     assert [x["data"] for x in again] == [x["data"] for x in lines]
+
+
+class ForcedToolSteps(InProcessClient):
+    """The tiny model, made to write given texts on tool steps (SamplingParams.forced_token_ids, the
+    engine's hook for testing parsers end to end): the in-process path renders the tools and the calls
+    with the chat template and parses `<TOOLCALL>` from the output itself."""
+
+    def __init__(self, base: InProcessClient, texts: list[str]) -> None:
+        super().__init__(base.llm, name=base.name)
+        self.texts, self.tool_prompts = list(texts), []
+
+    def _prompt(self, req):
+        prompt = super()._prompt(req)
+        if req.tools:
+            self.tool_prompts.append(prompt["prompt"])
+        return prompt
+
+    def _params(self, req):
+        params = super()._params(req)
+        if req.tools:
+            params.forced_token_ids = self.tokenizer.encode(self.texts.pop(0), add_special_tokens=False)
+        return params
+
+
+def test_in_process_tool_calls_go_through_the_chat_template(tiny):
+    from glimpse.agents import Task, Tool, run_loops
+    from glimpse.agents.loop import done
+
+    seen = []
+
+    def plan(args):
+        seen.append(args)
+        return done(f"found {args['query']}", args)
+
+    client = ForcedToolSteps(tiny, ['<TOOLCALL>[{"name": "search_notes", "arguments": {"query": "red"}}]</TOOLCALL>',
+                                    "no more tools"])  # fmt: skip
+    tool = Tool("search_notes", "search", {"query": {"type": "string"}}, ["query"], plan)
+    task = Task([{"role": "system", "content": "/no_think"}, {"role": "user", "content": "find red"}], "answer",
+                {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}, final_max_tokens=32)  # fmt: skip
+    (result,) = run_loops(client, [task], [tool], LoopLimits(max_steps=3, max_tokens_per_step=64))
+    assert seen == [{"query": "red"}]
+    assert result.stopped == "answered" and isinstance(result.final["ok"], bool)
+    first, second = client.tool_prompts
+    assert "<AVAILABLE_TOOLS>" in first and '"search_notes"' in first
+    assert '<TOOLCALL>[{"name": "search_notes", "arguments": {"query": "red"}}]</TOOLCALL>' in second
+    assert "<TOOL_RESPONSE>found red</TOOL_RESPONSE>" in second
