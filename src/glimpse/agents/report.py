@@ -39,6 +39,7 @@ video { width: 100%; max-height: 60vh; background: #000; border-radius: 6px; }
 .kf { flex: 1 0 96px; text-decoration: none; color: var(--muted); font-size: 12px; text-align: center;
   border: 2px solid transparent; border-radius: 4px; }
 .kf img { width: 100%; display: block; border-radius: 3px; background: #ccc; min-height: 40px; }
+.kf .nokf { display: block; min-height: 40px; background: #ccc; border-radius: 3px; padding-top: 10px; }
 .kf.active { border-color: var(--accent); }
 a.cite { color: var(--cite); text-decoration: none; font-variant-numeric: tabular-nums; white-space: nowrap; }
 a.cite:hover { text-decoration: underline; }
@@ -167,7 +168,7 @@ def render_html(report: dict[str, Any], thumbnails: dict[int, bytes], video_src:
     for seg in report["segments"]:
         jpeg = thumbnails.get(seg["index"])
         img = (f'<img alt="keyframe at {seg["keyframe"]:.1f} s" src="data:image/jpeg;base64,'
-               f'{base64.b64encode(jpeg).decode("ascii")}">' if jpeg else '<img alt="no keyframe" src="data:,">')  # fmt: skip
+               f'{base64.b64encode(jpeg).decode("ascii")}">' if jpeg else '<span class="nokf">no keyframe</span>')  # fmt: skip
         frames.append(
             f'<a class="kf" href="#t={seg["start"]:g}" data-start="{seg["start"]:g}" data-end="{seg["end"]:g}" '
             f'style="flex-grow:{max(0.1, seg["end"] - seg["start"]):.2f}">{img}{clock(seg["start"])}</a>'
