@@ -660,6 +660,10 @@ class ChatCompletionResponse(ResponseModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: Usage | None = None
+    # Glimpse's extra, present when the prompt has media: per item, as RequestOutput.media gives it (a
+    # video's frame_indices, true `seconds`, tokens and tokens_kept; an image's tiles, tokens, PDF page).
+    media: list[dict[str, Any]] | None = None
+    _omit_if_none = frozenset({"media"})
 
 
 class DeltaFunctionCall(ResponseModel):
@@ -700,7 +704,8 @@ class ChatCompletionChunk(ResponseModel):
     model: str
     choices: list[ChatCompletionChunkChoice] = Field(default_factory=list)
     usage: Usage | None = None
-    _omit_if_none = frozenset({"usage"})
+    media: list[dict[str, Any]] | None = None  # on the first chunk, as ChatCompletionResponse.media
+    _omit_if_none = frozenset({"usage", "media"})
 
 
 class CompletionChoice(ResponseModel):

@@ -223,7 +223,7 @@ class ChatHandler(ServingBase):
         prompt = inp.prompt or ""
         if req.stream:
             _, events = await first_and_rest(merge_streams([gen]), request, self)
-            stream = self._stream(req, request_id, events, tracker, prompt, params.n)
+            stream = self._stream(req, request_id, events, tracker, prompt, params.n, inp.media_info)
             return self.streaming_response(request, stream, [tracker])
         try:
             (final,) = await self.until_disconnected(request, self.collect([gen], [tracker]))
@@ -231,7 +231,11 @@ class ChatHandler(ServingBase):
             await gen.aclose()  # type: ignore[attr-defined]
         choices = [self._choice(req, c, prompt) for c in final.outputs]
         resp = ChatCompletionResponse(
-            id=request_id, model=self.ctx.served_model_name, choices=choices, usage=usage_of([final])
+            id=request_id,
+            model=self.ctx.served_model_name,
+            choices=choices,
+            usage=usage_of([final]),
+            media=final.media or None,
         )
         return json_response(resp)
 
@@ -304,23 +308,25 @@ class ChatHandler(ServingBase):
         tracker: RequestTracker,
         prompt: str,
         n: int,
+        media: list[dict[str, Any]],
     ) -> AsyncIterator[str]:
         model = self.ctx.served_model_name
         created = int(time.time())
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
         final: RequestOutput | None = None
 
-        def chunk(choice: ChatCompletionChunkChoice) -> str:
+        def chunk(choice: ChatCompletionChunkChoice, media: list[dict[str, Any]] | None = None) -> str:
             usage = usage_of([final]) if continuous and final is not None else None
             return sse(
                 ChatCompletionChunk(
-                    id=request_id, created=created, model=model, choices=[choice], usage=usage
+                    id=request_id, created=created, model=model, choices=[choice], usage=usage, media=media
                 )
             )
 
         states = [ChoiceStream(prompt, req) for _ in range(n)]
-        for i in range(n):  # as OpenAI: each choice opens with the role
-            yield chunk(ChatCompletionChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")))
+        for i in range(n):  # as OpenAI: each choice opens with the role; the first carries the media report
+            opening = ChatCompletionChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+            yield chunk(opening, media=(media or None) if i == 0 else None)
         async for _, out in events:
             tracker.see(out)
             final = out
