@@ -33,6 +33,7 @@ from glimpse.errors import AuthenticationError, GlimpseError, InvalidRequestErro
 from glimpse.processing.media import MediaPolicy
 from glimpse.server.config import ServerConfig
 from glimpse.server.metrics import CONTENT_TYPE, ServerMetrics
+from glimpse.server.playground import add_playground
 from glimpse.server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -197,6 +198,7 @@ def build_app(ctx: ServingContext, api_key: str | None = None) -> FastAPI:
         return JSONResponse(ModelList(data=[card]).model_dump())
 
     app.include_router(v1)
+    add_playground(app, ctx, api_key, require_api_key)  # the page at / and its agent jobs (playground.py)
 
     @app.get("/health")
     async def health() -> JSONResponse:
