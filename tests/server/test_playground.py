@@ -325,7 +325,9 @@ def test_a_streamed_answer_with_its_reasoning_folded_under_it(page):
 
 
 def test_stop_and_regenerate(page, server):
-    page.set_value("set-extra", "")
+    page.set_value(
+        "set-extra", json.dumps({"glimpse_forced_output": "and then " * 1000})
+    )  # long, no early end
     page.set_value("set-max-tokens", "4000")
     page.send("Tell me a long story")
     page.wait(lambda: (page.answer_state() or {}).get("chunks", 0) > 2, 60, "a few chunks")
@@ -441,7 +443,7 @@ def test_a_screenshot_for_the_readme(page, tmp_path):
     page.set_value("set-max-tokens", "400")
     page.give(video, "video/mp4")
     page.wait(lambda: page.all("#tray .tray-item:not(.loading) img"), 30, "the thumbnail")
-    reasoning = "The frames show a white square moving right. The background is red until frame 9, green until frame 17, then blue."
+    reasoning = "Frames 1 to 6 are red, frames 7 to 11 green and frames 12 to 16 blue; a white square moves right in each."
     answer = (
         "The background changes colour twice: from **red to green at 0:04** and from **green to blue at 0:08**. "
         "The green scene runs from 0:04 to 0:08; in each scene the white square crosses from left to right."
@@ -461,7 +463,13 @@ def test_a_screenshot_for_the_readme(page, tmp_path):
     page.js("document.querySelector('article.assistant details.reasoning').open = true")
     page.js("document.getElementById('messages').scrollTop = 1e6")
     page.js("document.activeElement.blur()")
-    page.shot("00-readme")
+    page.driver.set_window_size(1280, 980)
+    try:
+        page.js("document.querySelector('.video-panel').scrollIntoView({block: 'start'})")
+        time.sleep(0.3)
+        page.shot("00-readme")
+    finally:
+        page.driver.set_window_size(1280, 860)
     page.set_value("set-extra", "")
 
 
@@ -602,3 +610,17 @@ def test_every_control_has_a_name(page):
         "return [...document.querySelectorAll('img:not([alt])')].map((e) => e.outerHTML.slice(0, 80))"
     )
     assert images == []
+
+
+def test_dark_theme(page):
+    page.driver.execute_cdp_cmd(
+        "Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "dark"}]}
+    )
+    try:
+        background = page.js("return getComputedStyle(document.documentElement).backgroundColor")
+        assert background == "rgb(15, 18, 22)"
+        page.all("#conversations .conversation-open")[0].click()
+        page.js("document.querySelector('.video-panel').scrollIntoView({block: 'start'})")
+        page.shot("12-dark")
+    finally:
+        page.driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})

@@ -133,7 +133,11 @@ export class ChatView {
       if (!kind) att.error = `${att.name} is not an image, a PDF or a video`;
       this.pending.push(att);
       if (!kind) continue;
-      att.loading = preview(att).then((p) => Object.assign(att, p)).catch((e) => { att.error = e.message; })
+      att.loading = preview(att).then((p) => Object.assign(att, p))
+        .catch((e) => {  // a PDF the server refuses can't be sent; media this browser can't show still can
+          if (kind === "pdf") att.error = e.message;
+          else att.detail = "no preview in this browser";
+        })
         .finally(() => { att.loading = null; this.renderTray(); });
     }
     this.renderTray();

@@ -38,7 +38,11 @@ export class DocumentsView {
       }
       const pages = kind === "pdf" ? pdfPages(file, 200)
         : imageThumbnail(file, 200).then((image) => [{ page: 1, image }]);
-      pages.then((p) => { doc.pages = p; }).catch((e) => { doc.error = e.message; })
+      pages.then((p) => { doc.pages = p; })
+        .catch((e) => {  // a PDF the server can't read can't be sent; an image this browser can't show still can
+          if (kind === "pdf") doc.error = e.message;
+          else doc.note = "no preview in this browser";
+        })
         .finally(() => { doc.loading = false; this.renderDocs(); });
     }
     this.renderDocs();
@@ -66,6 +70,7 @@ export class DocumentsView {
         })),
       doc.error ? el("p", { class: "error-text", role: "alert", text: doc.error }) : null,
       doc.loading ? el("p", { class: "muted", text: "Rendering pages…" }) : null,
+      doc.note ? el("p", { class: "muted", text: doc.note }) : null,
       el("ol", { class: "page-strip", "aria-label": `Pages of ${doc.name}` },
         doc.pages.map((p) => el("li", {}, this.pageButton(doc, p.page)))))));
   }

@@ -9,7 +9,15 @@ import { $, announce } from "./ui.js";
 
 const TABS = { chat: "tab-chat", documents: "tab-docs", video: "tab-video" };
 
+let asking = null;  // one dialog at a time: requests that need the key meanwhile wait for the same answer
+
 function askForKey(message) {
+  if (!asking) asking = showKeyDialog(message).finally(() => { asking = null; });
+  else $("key-error").textContent = message || "";
+  return asking;
+}
+
+function showKeyDialog(message) {
   const dialog = $("key-dialog");
   $("key-error").textContent = message || "";
   $("key-input").value = apiKey();
