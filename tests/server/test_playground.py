@@ -16,14 +16,18 @@ import base64
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from glimpse.agents import Completion, ModelClient, ModelRequest
+from glimpse.errors import NotFoundError
 from glimpse.processing.media import MediaLimits
 from glimpse.server.app import build_app
+from glimpse.server.jobs import BusyError, Job, JobCancelled, JobStore, ProgressClient
 from glimpse.server.metrics import ServerMetrics
 from glimpse.server.serving_completions import ServingContext
 from tests.agents.generated import make_image, make_pdf, make_video, pdf_bytes
@@ -128,6 +132,71 @@ def test_pdf_pages_as_thumbnails():
         p["image"].startswith("data:image/jpeg;base64,") and p["height"] > p["width"] > 0 for p in pages
     )
     assert too_many.status_code == 413 and not_pdf.status_code == 400
+
+
+def _until(condition, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_job_store_runs_bounds_cancels_and_forgets():
+    store = JobStore(workers=1, max_waiting=1, max_jobs=2)
+    gate = threading.Event()
+    first = store.new("extract", "a")
+    store.submit(first, lambda job: gate.wait(10))
+    _until(lambda: first.status == "running")
+    second = store.new("extract", "b")
+    store.submit(second, lambda job: None)  # waits behind the first
+    with pytest.raises(BusyError):
+        store.new("extract", "c")  # the queue is full: 429 before anything is uploaded
+    assert store.cancel(second.id).status == "cancelled" and not second.dir.exists()
+    gate.set()
+    _until(lambda: first.status == "done")
+    assert first.public()["elapsed_s"] >= 0 and first.public()["progress"]["requests"] == 0
+
+    def broken(job):
+        raise ValueError("a bug")
+
+    failing = store.new("video", "v.mp4")
+    store.submit(failing, broken)
+    _until(lambda: failing.ended)
+    assert failing.status == "failed" and failing.error == "ValueError: a bug"
+    assert failing.public()["links"]["report_html"].endswith("/report.html")
+    for name in "xyz":  # only the newest finished jobs are kept, with their files
+        job = store.new("extract", name)
+        store.submit(job, lambda job: None)
+        _until(lambda job=job: job.ended)
+    assert len(store.jobs) <= 3 and not first.dir.exists()
+    with pytest.raises(NotFoundError):
+        store.get(first.id)
+
+
+class _Answers(ModelClient):
+    name = "fake"
+
+    def complete(self, requests, on_done=None):
+        outs = [Completion("{}") for _ in requests]
+        for i, out in enumerate(outs):
+            if on_done:
+                on_done(i, out)
+        return outs
+
+
+def test_progress_counts_notes_then_answers_and_stops_a_cancelled_job(tmp_path):
+    job = Job("job-1", "video", "v.mp4", tmp_path, stage="scanning", total=3)
+    client = ProgressClient(_Answers(), job)
+    clip = {"role": "user", "content": [{"type": "clip", "clip": None}]}
+    client.complete([ModelRequest([clip]), ModelRequest([clip])])
+    assert (job.stage, job.done, job.total, job.requests) == ("notes", 2, 3, 2)
+    client.complete(
+        [ModelRequest([{"role": "user", "content": "notes so far"}], tools=[{"type": "function"}])]
+    )
+    assert (job.stage, job.requests) == ("answering", 3)
+    job.cancelled = True
+    with pytest.raises(JobCancelled):
+        client.complete([ModelRequest([clip])])
 
 
 # ------------------------------------------------------------------------------------ the page, for real
