@@ -15,8 +15,10 @@ import torch
 
 from glimpse.bench import floors
 from glimpse.bench.timing import time_eager
+from glimpse.engine.cache import allocate_cache_tensors
 from glimpse.engine.config import EngineConfig
 from glimpse.engine.engine import LLMEngine
+from glimpse.model.batch import ForwardBatch
 from glimpse.sampling_params import SamplingParams
 
 
@@ -123,9 +125,6 @@ def prefill(ctx: BenchContext, length: int, max_num_batched_tokens: int | None =
 @torch.inference_mode()
 def ssm_state_drift(ctx: BenchContext, prompt_len: int, steps: int) -> dict:
     """Logits with a bf16 SSM state against fp32, over `steps` decode steps fed the same (fp32-greedy) tokens."""
-    from glimpse.engine.cache import allocate_cache_tensors
-    from glimpse.model.batch import ForwardBatch
-
     config = ctx.model.llm_config
     dev = ctx.device
     prompt = _prompts(1, prompt_len, config.vocab_size, ctx.seed + 7)[0]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from glimpse.bench import floors
 from glimpse.bench.llm_bench import BenchContext, _engine, _prompts
+from glimpse.bench.random_model import random_model
 from glimpse.bench.timing import sets_over_l2, sync, time_eager, time_graph
 from glimpse.sampling_params import SamplingParams
 
@@ -149,8 +150,6 @@ def profile_gemv(device: torch.device, rows=(1, 64), bandwidth: float | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    from glimpse.bench.random_model import random_model
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--random-weights", default="nemotron-nano-12b-v2")
     ap.add_argument("--batch", default="1,64", help="comma list of decode batch sizes ('' for none)")
