@@ -211,3 +211,32 @@ def test_nvfp4_linear_module_matches_its_definition():
     assert (w_ref - w.double()).abs().max() < 0.2 * w.abs().max()  # and it is a quantisation of w
     with pytest.raises(CheckpointError, match="multiple of 16"):
         Nvfp4Linear(40, 8)
+
+
+@pytest.mark.parametrize("quantization, cls", [("fp8", Fp8Linear), ("nvfp4", Nvfp4Linear)])
+def test_random_weights_model_is_built_quantised(quantization, cls):
+    """The benchmark's random-weight model (`--random-weights ARCH --quantization fp8|nvfp4`) holds its
+    language model's linears packed, everything else as the bf16 one, and computes finite logits."""
+    from glimpse.bench.random_model import random_model
+    from glimpse.model.batch import ForwardBatch
+    from glimpse.model.quant_linear import weight_precision
+    from tests.model.nemotron_reference import new_cache
+
+    model = random_model(
+        "nemotron-nano-vl-tiny", torch.device("cpu"), torch.bfloat16, quantization=quantization
+    )
+    assert weight_precision(model) == quantization.upper()
+    lm = model.language_model
+    packed = [name for name, m in model.named_modules() if isinstance(m, cls)]
+    assert len(packed) == len(quantized_linear_names(model, PUBLISHED))
+    assert all(name.startswith("language_model.backbone.layers.") for name in packed)
+    assert type(lm.lm_head) is torch.nn.Linear and lm.lm_head.weight.dtype == torch.bfloat16
+    assert lm.backbone.layers[0].mixer.conv1d.weight.dtype == torch.bfloat16
+    assert lm.backbone.layers[0].mixer.A_log.dtype == torch.float32
+    for name in packed:
+        layer = model.get_submodule(name)
+        assert (layer.weight_scale.float() > 0).all() and layer.input_scale > 0, name
+    batch = ForwardBatch([6], [0], torch.tensor([0]), torch.arange(4).view(1, -1))
+    with torch.no_grad():
+        logits = lm(batch, new_cache(lm.config), input_ids=torch.arange(10, 16))
+    assert logits.shape == (1, lm.config.vocab_size) and torch.isfinite(logits.float()).all()

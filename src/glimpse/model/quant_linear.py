@@ -12,6 +12,7 @@ C, dt), and q/k/v are separate layers: no layer here runs parts with different s
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ from glimpse.kernels.quant_linear import fp8_linear, nvfp4_linear
 from glimpse.model.attention import Attention
 from glimpse.model.mamba2 import Mamba2Mixer
 from glimpse.model.nemotron_h import MLP
-from glimpse.quantization import QuantConfig
+from glimpse.quantization import NANO_VL_FP8_EXCLUDE, QuantAlgo, QuantConfig
 
 QUANTIZABLE_LINEARS: dict[type[nn.Module], tuple[str, ...]] = {
     Mamba2Mixer: ("in_proj", "out_proj"),
@@ -92,6 +93,17 @@ class Nvfp4Linear(_QuantLinear):
 
 
 QUANT_LINEARS: dict[str, type[_QuantLinear]] = {"FP8": Fp8Linear, "NVFP4": Nvfp4Linear}
+
+Quantization = Literal["fp8", "nvfp4"]
+"""The formats a model can be made in (tiny checkpoints, the benchmark's random weights)."""
+QUANT_ALGOS: dict[str, QuantAlgo] = {"fp8": "FP8", "nvfp4": "NVFP4"}
+
+
+def published_quant_config(quantization: Quantization) -> QuantConfig:
+    """The quantisation NVIDIA publishes Nano VL in, for making models like it: the FP8 checkpoint's
+    exclusion list (its NVFP4 list was not found; the same one is assumed), NVFP4 in groups of 16."""
+    algo = QUANT_ALGOS[quantization]
+    return QuantConfig(algo, NVFP4_GROUP if algo == "NVFP4" else None, NANO_VL_FP8_EXCLUDE)
 
 
 def check_group_size(quant: QuantConfig) -> None:

@@ -20,12 +20,12 @@ from typing import Literal
 import torch
 
 from glimpse.config import NemotronHConfig, VLConfig
-from glimpse.kernels.quant_formats import E2M1_MAX, E4M3_MAX, NVFP4_GROUP, quantize_fp8, quantize_nvfp4
+from glimpse.kernels.quant_formats import E2M1_MAX, E4M3_MAX, quantize_fp8, quantize_nvfp4
 from glimpse.model.batch import CacheTensors, ForwardBatch
 from glimpse.model.nemotron_h import NemotronHForCausalLM
-from glimpse.model.quant_linear import quantized_linear_names
+from glimpse.model.quant_linear import Quantization, published_quant_config, quantized_linear_names
 from glimpse.model.tiny_vl import TINY_VL_CONTEXT, tiny_vl_checkpoint
-from glimpse.quantization import NANO_VL_FP8_EXCLUDE, QuantAlgo, QuantConfig
+from glimpse.quantization import QuantConfig
 
 BUILTIN_MODELS = ("tiny", "tiny-vl")
 
@@ -61,8 +61,6 @@ Summarise the page in three sentences. How many people are in the picture, and w
 )
 
 Style = Literal["nvidia", "legacy", "transformers"]
-Quantization = Literal["fp8", "nvfp4"]
-QUANT_ALGOS: dict[str, QuantAlgo] = {"fp8": "FP8", "nvfp4": "NVFP4"}
 
 
 def tiny_text_config(max_position_embeddings: int = 8192, vocab_size: int = 640) -> NemotronHConfig:
@@ -170,12 +168,6 @@ def random_llm_state_dict(config: NemotronHConfig, seed: int) -> dict[str, torch
             t = torch.randn(p.shape, generator=gen) * 0.05
         out[name] = t.to(torch.bfloat16) if t.is_floating_point() else t
     return out
-
-
-def tiny_quant_config(quantization: Quantization) -> QuantConfig:
-    """The quantisation of a tiny FP8 / NVFP4 checkpoint: the published Nano VL FP8 exclusion list."""
-    algo = QUANT_ALGOS[quantization]
-    return QuantConfig(algo, NVFP4_GROUP if algo == "NVFP4" else None, NANO_VL_FP8_EXCLUDE)
 
 
 @torch.no_grad()
@@ -288,7 +280,7 @@ def make_tiny(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     vocab = (len(tokenizer) + 63) // 64 * 64
-    quant = tiny_quant_config(quantization) if quantization else None
+    quant = published_quant_config(quantization) if quantization else None
     config: NemotronHConfig | VLConfig
     if vl:
         llm = tiny_text_config(max_position_embeddings=TINY_VL_CONTEXT, vocab_size=vocab)
