@@ -200,6 +200,8 @@ def load_weights(
         target = expected[name]
         want_dtype = _target_dtype(name, target, dtype)
         tensor = load()
+        if tensor.is_floating_point() and tensor.element_size() == 1 and tensor.dtype not in PACKED_DTYPES:
+            raise CheckpointError(f"tensor {ckpt_name!r} is {tensor.dtype}: not a format Glimpse reads")
         if tensor.dtype in PACKED_DTYPES and want_dtype != tensor.dtype:
             if want_dtype in PACKED_DTYPES or not want_dtype.is_floating_point:
                 raise CheckpointError(
