@@ -114,8 +114,7 @@ def _load(
     if quant is not None:
         check_group_size(quant)
         if quant.kv_cache_algo:
-            log.info("the checkpoint's %s KV-cache scales are not used: the KV cache stays in %s",
-                     quant.kv_cache_algo, dtype)  # fmt: skip
+            log.info("%s KV-cache scales not used: the KV cache stays in %s", quant.kv_cache_algo, dtype)
         if packed:
             replace_quantized_linears(model, quant)
     dequantized = load_weights(model, files, map_name, device, dtype, dequantize_weight if quant else None)
