@@ -140,11 +140,14 @@ def test_request_mix_and_launcher_choice():
     assert len(kinds) == 10 and kinds.count("text") == 5 and "pdf" not in kinds
     with pytest.raises(ValueError, match="unknown request kind"):
         serving_bench.parse_mix("audio:1")
-    cfg = serving_bench.OnlineConfig(model="tiny-vl")
-    on, _ = serving_bench.server_command(cfg, 1234, True)
-    assert on[1:4] == ["-m", "glimpse.cli", "serve"]
-    off, via = serving_bench.server_command(cfg, 1234, False)
-    if serving_bench.serve_flag_exists(serving_bench.NO_PREFIX_FLAG):
-        assert serving_bench.NO_PREFIX_FLAG in off and via == serving_bench.NO_PREFIX_FLAG
-    else:
-        assert "--bench-no-prefix-caching" in off and "glimpse.bench.serving_bench" in off
+    cfg = serving_bench.OnlineConfig(model="tiny-vl", server_settings={"block_size": 32})
+    assert serving_bench.server_command(cfg)[1:] == ["-m", "glimpse.server"]
+    on, server = serving_bench.server_configs(cfg, 1234, True)
+    off, _ = serving_bench.server_configs(cfg, 1234, False)
+    assert on.model == "tiny-vl" and on.cache.enable_prefix_caching and not off.cache.enable_prefix_caching
+    assert on.cache.block_size == 32 and server.port == 1234 and server.served_model_name == "bench"
+    assert not on.media.allow_private_media_urls  # the server's default, as `glimpse serve` has it
+    random = serving_bench.server_command(serving_bench.OnlineConfig(model=None, random_weights="arch"))
+    assert "glimpse.bench.serving_bench" in random and "--bench-random-weights" in random
+    given = serving_bench.parse_server_args("--block-size 32 --no-enable-prefix-caching --max-video-frames 8")
+    assert given == {"block_size": 32, "enable_prefix_caching": False, "max_video_frames": 8}

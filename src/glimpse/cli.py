@@ -8,38 +8,19 @@ import logging
 import sys
 from pathlib import Path
 
-
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a local checkpoint directory, a hub id, or the built-in 'tiny' / 'tiny-vl'")
-    p.add_argument(
-        "--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16"
-    )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--mamba-ssm-cache-dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--video-pruning-rate", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
-    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="launch each decode step before the last one's tokens are read back, so host work "
-                        "overlaps the GPU (default: on with CUDA graphs)")  # fmt: skip
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                   help="reuse cached prompt prefixes (--no-enable-prefix-caching turns it off)")  # fmt: skip
+from glimpse.bench.run import add_bench_args
+from glimpse.bench.run import main as bench_main
+from glimpse.engine.config import EngineConfig
+from glimpse.errors import CheckpointError, GlimpseError
+from glimpse.sampling_params import SamplingParams
+from glimpse.server.config import add_serve_flags, serve_configs
+from glimpse.settings import add_flags, setting_values
 
 
 def _llm(args: argparse.Namespace):
     from glimpse import LLM
 
-    return LLM(
-        args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        mamba_ssm_cache_dtype=args.mamba_ssm_cache_dtype, gpu_memory_utilization=args.gpu_memory_utilization,
-        video_pruning_rate=args.video_pruning_rate, seed=args.seed, enforce_eager=args.enforce_eager,
-        enable_prefix_caching=args.enable_prefix_caching, async_scheduling=args.async_scheduling,
-    )  # fmt: skip
+    return LLM(**setting_values(EngineConfig, args))
 
 
 def _media_parts(images: list[str], videos: list[str], pdfs: list[str]) -> list[dict]:
@@ -54,8 +35,6 @@ def _media_parts(images: list[str], videos: list[str], pdfs: list[str]) -> list[
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from glimpse import SamplingParams
-
     llm = _llm(args)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     media = _media_parts(args.image, args.video, args.pdf)
@@ -79,8 +58,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from glimpse import SamplingParams
-
     llm = _llm(args)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
@@ -131,24 +108,24 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from glimpse.server.app import serve
+    from glimpse.server.app import run_server
 
-    return serve(args)
+    run_server(*serve_configs(args))
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from glimpse.bench.run import main as bench_main
-
     return bench_main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The commands; engine, server and media-limit flags are generated from their configurations."""
     parser = argparse.ArgumentParser(prog="glimpse", description="Serve Nemotron Nano 2 VL and its family.")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="answer one prompt and print the answer")
-    _engine_args(g)
+    add_flags(g, EngineConfig)
     g.add_argument("--prompt", required=True)
     g.add_argument("--system", default=None, help="a system message (e.g. '/no_think')")
     g.add_argument("--image", action="append", default=[])
@@ -161,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive chat in the terminal")
-    _engine_args(c)
+    add_flags(c, EngineConfig)
     c.add_argument("--system", default=None)
     c.add_argument("--max-tokens", type=int, default=256)
     c.add_argument("--temperature", type=float, default=0.0)
@@ -176,22 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_make_tiny)
 
     s = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")
-    _engine_args(s)
-    try:
-        from glimpse.server.args import add_server_args
-
-        add_server_args(s)
-    except ImportError:
-        pass
+    add_serve_flags(s)
     s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="benchmarks (see docs/PERFORMANCE.md)")
-    try:
-        from glimpse.bench.run import add_bench_args
-
-        add_bench_args(b)
-    except ImportError:
-        pass
+    add_bench_args(b)
     b.set_defaults(func=cmd_bench)
     return parser
 
@@ -205,13 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
-    except Exception as e:
-        from glimpse.errors import CheckpointError, GlimpseError
-
-        if isinstance(e, (GlimpseError, CheckpointError, ValueError)):
-            print(f"glimpse: error: {e}", file=sys.stderr)
-            return 2
-        raise
+    except (GlimpseError, CheckpointError, ValueError) as e:
+        print(f"glimpse: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -108,7 +108,6 @@ class NemotronHConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = 0
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.mlp_hidden_act != "relu2":
@@ -184,7 +183,6 @@ class NemotronHConfig:
                 bos_token_id=d.get("bos_token_id", 1),
                 eos_token_id=d.get("eos_token_id", 2),
                 pad_token_id=d.get("pad_token_id", 0),
-                extra={k: v for k, v in d.items() if k in ("architectures", "model_type", "torch_dtype")},
             )
         except KeyError as e:
             raise CheckpointError(f"config.json lacks the field {e.args[0]!r}") from None
@@ -299,7 +297,6 @@ class VLConfig:
     img_context_token: str = "<image>"
     img_start_token: str = "<img>"
     img_end_token: str = "</img>"
-    video_pruning_rate: float = 0.0
 
     @property
     def tokens_per_tile(self) -> int:
@@ -326,7 +323,6 @@ class VLConfig:
             img_context_token=str(d.get("img_context_token") or "<image>"),
             img_start_token=str(d.get("img_start_token") or "<img>"),
             img_end_token=str(d.get("img_end_token") or "</img>"),
-            video_pruning_rate=float(d.get("video_pruning_rate") or 0.0),
         )
 
     def to_dict(self, style: Literal["nvidia", "legacy", "transformers"] = "nvidia") -> dict[str, Any]:

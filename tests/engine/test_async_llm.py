@@ -15,7 +15,7 @@ from glimpse.errors import InvalidRequestError
 
 @pytest.fixture(scope="module")
 def llm():
-    engine = AsyncLLM(LLMEngine(EngineConfig(model="tiny", max_model_len=512, max_num_seqs=16)))
+    engine = AsyncLLM(LLMEngine(EngineConfig.from_kwargs("tiny", max_model_len=512, max_num_seqs=16)))
     yield engine
     engine.shutdown()
 

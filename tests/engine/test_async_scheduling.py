@@ -19,7 +19,7 @@ from glimpse.engine.request import PENDING_TOKEN
 def make_engine(async_on: bool, **kw) -> LLMEngine:
     base = dict(model="tiny", max_model_len=512, max_num_seqs=8, max_num_batched_tokens=2048,
                 async_scheduling=async_on)  # fmt: skip
-    return LLMEngine(EngineConfig(**(base | kw)))
+    return LLMEngine(EngineConfig.from_kwargs(**(base | kw)))
 
 
 def drive(engine: LLMEngine, work: list[tuple[str, list[int], SamplingParams]], seed: int, abort=()) -> dict:

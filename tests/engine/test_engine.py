@@ -14,7 +14,7 @@ from glimpse.engine.engine import LLMEngine
 
 def make_engine(**kw) -> LLMEngine:
     base = dict(model="tiny", max_model_len=512, max_num_seqs=8, max_num_batched_tokens=2048)
-    return LLMEngine(EngineConfig(**(base | kw)))
+    return LLMEngine(EngineConfig.from_kwargs(**(base | kw)))
 
 
 def greedy(max_tokens: int) -> SamplingParams:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from glimpse.engine.prefix_cache import snapshot_points
-from glimpse.engine.request import MediaSpan
+from glimpse.inputs import MediaSpan
 
 
 def _span(start: int, length: int, key: str) -> MediaSpan:

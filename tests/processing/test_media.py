@@ -555,7 +555,7 @@ def test_oversize_download(server: str) -> None:
 
 
 def test_timeout(silent_server: str) -> None:
-    limits = MediaLimits(fetch_timeout=0.5)
+    limits = MediaLimits(media_fetch_timeout=0.5)
     start = time.monotonic()
     with pytest.raises(MediaError, match=r"timed out after 0\.5 s"):
         fetch_bytes(silent_server, OPEN, limits)
@@ -572,5 +572,5 @@ def test_policy_defaults() -> None:
         2_147_483_648,
         21600,
     )
-    assert (limits.max_video_frames, limits.max_pdf_pages, limits.fetch_timeout) == (1024, 32, 30.0)
+    assert (limits.max_video_frames, limits.max_pdf_pages, limits.media_fetch_timeout) == (1024, 32, 30.0)
     assert os.fspath(Path("/x")) == "/x"

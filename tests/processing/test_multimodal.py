@@ -193,7 +193,7 @@ def test_encoder_cache_and_prefix_cache_reuse_a_document(llm):
     assert again.outputs[0].token_ids == second.outputs[0].token_ids
     assert engine.all_memory_free()
     # without the prefix cache the encoder cache still saves the vision encoder on a repeat
-    cache = fresh.engine.encoder_cache
+    cache = fresh.engine.vision_encoder.cache
     assert (cache.hits, cache.misses) == (0, 1)
     repeat = fresh.chat(user(image_part(img), {"type": "text", "text": "Who signed it?"}), GREEDY)[0]
     assert (cache.hits, cache.misses) == (1, 1)
@@ -222,7 +222,8 @@ def test_a_long_video_is_encoded_a_group_at_a_time_between_other_work():
     each group, while a text request keeps decoding; the tokens equal a run with one big step."""
     from glimpse.engine.config import EngineConfig
     from glimpse.engine.engine import LLMEngine
-    from glimpse.processing.multimodal import FRAMES_PER_ENCODE
+    from glimpse.engine.llm import input_processor
+    from glimpse.engine.vision_encoder import FRAMES_PER_ENCODE
 
     frames = [np.asarray(image(64, 64, 100 + i)) for i in range(40)]
     prompt = {"prompt": "<video>What happens?", "multi_modal_data": {"video": frames}}
@@ -231,9 +232,9 @@ def test_a_long_video_is_encoded_a_group_at_a_time_between_other_work():
     big = LLM("tiny-vl", max_num_seqs=4, max_model_len=16384, max_num_batched_tokens=16384)
     expected = big.generate(prompt, params)[0].outputs[0].token_ids
 
-    engine = LLMEngine(EngineConfig(model="tiny-vl", max_num_seqs=4, max_model_len=16384,
-                                    max_num_batched_tokens=2048, enable_prefix_caching=False))  # fmt: skip
-    video = engine.processor.from_prompt(prompt)
+    engine = LLMEngine(EngineConfig.from_kwargs("tiny-vl", max_num_seqs=4, max_model_len=16384,
+                                                max_num_batched_tokens=2048, enable_prefix_caching=False))  # fmt: skip
+    video = input_processor(engine).from_prompt(prompt)
     engine.add_request(
         "chat", engine.tokenizer.encode("Hello there"), SamplingParams(max_tokens=30, ignore_eos=True)
     )
@@ -245,7 +246,7 @@ def test_a_long_video_is_encoded_a_group_at_a_time_between_other_work():
                 chat_tokens.append(len(out.outputs[0].token_ids))
             if out.request_id == "video" and out.finished:
                 video_out = out.outputs[0].token_ids
-        misses.append(engine.encoder_cache.misses)
+        misses.append(engine.vision_encoder.cache.misses)
     groups = -(-40 // FRAMES_PER_ENCODE)
     assert misses[-1] == groups and misses[0] < groups  # encoded a group at a time, not all at once
     assert video_out == expected

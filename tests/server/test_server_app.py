@@ -15,10 +15,10 @@ import httpx
 import pytest
 
 from glimpse.errors import MediaError
+from glimpse.inputs import ProcessedInput
 from glimpse.outputs import CompletionOutput, RequestOutput
-from glimpse.processing.inputs import ProcessedInput
+from glimpse.processing.media import MediaLimits
 from glimpse.server.app import build_app
-from glimpse.server.args import ServerLimits
 from glimpse.server.metrics import ServerMetrics, parse_text
 from glimpse.server.serving_completions import ServingContext, merge_streams
 
@@ -56,15 +56,22 @@ class FakeLLM:
 
     def __init__(self) -> None:
         self.engine = SimpleNamespace(
-            max_model_len=64, tokenizer=FakeTokenizer(), eos_token_ids=[0], processor=FakeProcessor(),
+            max_model_len=64, tokenizer=FakeTokenizer(), eos_token_ids=[0],
             cfg=SimpleNamespace(model="fake-model"), model_dir="/nonexistent", stats=lambda: {},
         )  # fmt: skip
+        self.processor = FakeProcessor()
         self.params = []
         self.fail_after: int | None = None
         self.active = 0
 
     def is_idle(self) -> bool:
         return self.active == 0
+
+    def process(self, prompt) -> ProcessedInput:
+        return self.processor.from_prompt(prompt)
+
+    def process_chat(self, messages, **kwargs) -> ProcessedInput:
+        return self.processor.from_messages(messages, **kwargs)
 
     def shutdown(self) -> None:
         pass
@@ -93,7 +100,7 @@ def make_client(test_hooks: bool = False, **limits) -> tuple[httpx.AsyncClient, 
     ctx = ServingContext(
         llm=llm,  # type: ignore[arg-type]
         served_model_name="fake",
-        limits=ServerLimits(**limits),
+        media_limits=MediaLimits(**limits),
         metrics=ServerMetrics("fake", llm.engine.stats, llm.is_idle),
         test_hooks=test_hooks,
     )
@@ -125,9 +132,9 @@ def test_unexpected_error_is_a_500_and_the_server_goes_on():
     async def go():
         client, llm = make_client()
         async with client:
-            llm.engine.processor.fail = KeyError("a bug")
+            llm.processor.fail = KeyError("a bug")
             bad = await client.post("/v1/chat/completions", json=CHAT)
-            llm.engine.processor.fail = None
+            llm.processor.fail = None
             good = await client.post("/v1/chat/completions", json=CHAT)
             metrics = (await client.get("/metrics")).text
         return bad, good, metrics
@@ -143,12 +150,12 @@ def test_unexpected_error_is_a_500_and_the_server_goes_on():
 def test_media_decoding_failure_is_a_400():
     async def go():
         client, llm = make_client()
-        llm.engine.processor.fail = OSError("cannot identify image file")
+        llm.processor.fail = OSError("cannot identify image file")
         image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
         body = {**CHAT, "messages": [{"role": "user", "content": [image, {"type": "text", "text": "?"}]}]}
         async with client:
             r = await client.post("/v1/chat/completions", json=body)
-            llm.engine.processor.fail = MediaError("image too odd", param="messages")
+            llm.processor.fail = MediaError("image too odd", param="messages")
             r2 = await client.post("/v1/chat/completions", json=body)
         return r, r2
 
@@ -168,7 +175,7 @@ def test_media_counted_before_loading():
         body = {**CHAT, "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": "?"}]}]}
         async with client:
             r = await client.post("/v1/chat/completions", json=body)
-        return r, llm.engine.processor.calls
+        return r, llm.processor.calls
 
     r, calls = run(go([image] * 17))
     assert r.status_code == 400 and calls == 0 and "17 images" in r.json()["error"]["message"]
@@ -266,6 +273,7 @@ def test_merge_streams_closes_everything_on_early_exit():
 
 def test_cli_defaults_are_the_contract(monkeypatch):
     from glimpse.cli import build_parser
+    from glimpse.server.config import serve_configs
 
     monkeypatch.delenv("GLIMPSE_API_KEY", raising=False)
     args = build_parser().parse_args(["serve", "tiny"])
@@ -276,8 +284,9 @@ def test_cli_defaults_are_the_contract(monkeypatch):
     assert args.max_video_frames == 1024 and args.max_pdf_pages == 32 and args.media_fetch_timeout == 30
     assert args.allowed_local_media_path is None and args.allow_private_media_urls is False
     assert args.video_pruning_rate == 0 and args.gpu_memory_utilization == 0.9
-    limits = ServerLimits.from_args(args)
-    assert limits.max_request_bytes == 268435456 and limits.allow_private_media_urls is False
+    engine, server = serve_configs(args)
+    assert server.max_request_bytes == 268435456 and engine.media.allow_private_media_urls is False
+    assert server.media_limits == MediaLimits() and server.media_limits.max_video_frames == 1024
     args = build_parser().parse_args(["serve", "tiny", "--limit-mm-per-prompt", '{"image": 2}'])
     assert args.limit_mm_per_prompt == {"image": 2, "video": 2, "file": 4}
     with pytest.raises(SystemExit):

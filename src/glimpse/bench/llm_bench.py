@@ -32,8 +32,8 @@ class BenchContext:
 
 
 def _engine(ctx: BenchContext, **kw) -> LLMEngine:
-    cfg = EngineConfig(model="<bench>", device=str(ctx.device), dtype=str(ctx.dtype).removeprefix("torch."),
-                       enable_prefix_caching=False, seed=ctx.seed, **kw)  # fmt: skip
+    cfg = EngineConfig.from_kwargs("<bench>", device=str(ctx.device), dtype=str(ctx.dtype).removeprefix("torch."),
+                                   enable_prefix_caching=False, seed=ctx.seed, **kw)  # fmt: skip
     return LLMEngine(cfg, model=ctx.model, tokenizer=ctx.tokenizer)
 
 

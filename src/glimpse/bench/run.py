@@ -12,6 +12,9 @@ from pathlib import Path
 
 import torch
 
+from glimpse.engine.config import EngineConfig
+from glimpse.settings import add_flags
+
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
@@ -34,8 +37,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-lens", type=_ints, default=[4096, 32768])
     p.add_argument("--prefill-chunk", type=int, default=None, help="max_num_batched_tokens for prefill")
     p.add_argument("--drift-steps", type=int, default=256)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+    add_flags(p, EngineConfig, only=("device", "dtype"))
     p.add_argument("--json", default="bench.json", help="where to write the results")
     _add_vision_args(p)
     _add_online_args(p)
@@ -163,7 +165,6 @@ def _row(r: dict) -> str:
 
 def main(args: argparse.Namespace) -> int:
     from glimpse.bench import floors, llm_bench, vision_bench
-    from glimpse.engine.config import EngineConfig
 
     probe = EngineConfig(model="-", device=args.device, dtype=args.dtype)
     device = probe.resolve_device()

@@ -1,16 +1,17 @@
 """(f) `online`: Glimpse as users meet it, through the HTTP server under load.
 
-`glimpse serve` runs as a subprocess on 127.0.0.1 and a free port; N concurrent clients (asyncio + httpx)
-send a mix of text, image, multi-page PDF and video chat requests, streaming, each with fresh random
-content (pictures, pages, frames and words made before the clock starts), behind one shared system
-prompt (the part a prefix cache can serve). Measured per run: time to first token, time per output token,
-end-to-end latency (mean, p50, p90, p99), request and token throughput; once with prefix caching on and
-once with it off (a fresh server each).
+The server runs in a subprocess on 127.0.0.1 and a free port, built by `glimpse.server.app.build_server`
+from an `EngineConfig` and a `ServerConfig` (`python -m glimpse.server`, the configuration as JSON on
+stdin); N concurrent clients (asyncio + httpx) send a mix of text, image, multi-page PDF and video chat
+requests, streaming, each with fresh random content (pictures, pages, frames and words made before the
+clock starts), behind one shared system prompt (the part a prefix cache can serve). Measured per run:
+time to first token, time per output token, end-to-end latency (mean, p50, p90, p99), request and token
+throughput; once with prefix caching on and once with it off (a fresh server each).
 
 The server needs a checkpoint, or the random full-size VL model: `--random-weights ARCH` starts it
-through this module's launcher (`python -m glimpse.bench.serving_bench serve ...`), which builds the
-random model on the device and serves it with the small bench tokenizer. The same launcher turns prefix
-caching off while `glimpse serve` has no flag for it (see `serve_flag_exists`).
+through this module's launcher (`python -m glimpse.bench.serving_bench serve --bench-random-weights
+ARCH`, the same JSON on stdin), which builds the random model on the device and serves it with the small
+bench tokenizer.
 """
 
 from __future__ import annotations
@@ -32,10 +33,14 @@ from typing import Any
 
 import numpy as np
 
+from glimpse.engine.config import EngineConfig
+from glimpse.server.app import run_server
+from glimpse.server.config import SERVER_ENGINE_DEFAULTS, ServerConfig, configs_from_json, configs_to_json
+from glimpse.settings import add_flags, from_flat, setting_names, to_flat
+
 log = logging.getLogger(__name__)
 
 KINDS = ("text", "image", "pdf", "video")
-NO_PREFIX_FLAG = "--no-enable-prefix-caching"
 
 
 @dataclass
@@ -60,7 +65,8 @@ class OnlineConfig:
     video_fps: float = 2.0  # every frame is sampled at the server's default 2 fps
     device: str = "auto"
     dtype: str = "auto"
-    server_args: list[str] = field(default_factory=list)
+    # Flat engine and server settings over the bench's own (from --online-server-args), e.g. block_size.
+    server_settings: dict[str, Any] = field(default_factory=dict)
     startup_timeout: float = 900.0
     request_timeout: float = 600.0
     seed: int = 0
@@ -334,17 +340,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_flag_exists(flag: str) -> bool:
-    """Whether `glimpse serve` takes `flag` (read from the real parser)."""
-    from glimpse.cli import build_parser
-
-    parser = build_parser()
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction) and "serve" in action.choices:
-            return flag in action.choices["serve"]._option_string_actions
-    return False
-
-
 @dataclass
 class ServerProcess:
     proc: subprocess.Popen
@@ -375,38 +370,49 @@ class ServerProcess:
             pass
 
 
-def server_command(cfg: OnlineConfig, port: int, prefix_caching: bool) -> tuple[list[str], str]:
-    """The command that starts the server, and how prefix caching was turned off (when it was)."""
-    common = ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", "bench",
-              "--uvicorn-log-level", "warning", "--device", cfg.device, "--dtype", cfg.dtype,
-              *cfg.server_args]  # fmt: skip
-    has_flag = serve_flag_exists(NO_PREFIX_FLAG)
-    via = "on"
-    extra: list[str] = []
+def server_configs(cfg: OnlineConfig, port: int, prefix_caching: bool) -> tuple[EngineConfig, ServerConfig]:
+    """The server's configuration for one prefix-caching setting; `server_settings` override the rest."""
+    settings: dict[str, Any] = {
+        **SERVER_ENGINE_DEFAULTS, "device": cfg.device, "dtype": cfg.dtype, "host": "127.0.0.1",
+        "served_model_name": "bench", "uvicorn_log_level": "warning", **cfg.server_settings, "port": port,
+    }  # fmt: skip
     if not prefix_caching:
-        via = NO_PREFIX_FLAG if has_flag else "bench launcher (glimpse serve has no " + NO_PREFIX_FLAG + ")"
-        extra = [NO_PREFIX_FLAG] if has_flag else ["--bench-no-prefix-caching"]
-    if cfg.random_weights is None and (prefix_caching or has_flag):
-        return [sys.executable, "-m", "glimpse.cli", "serve", str(cfg.model), *common, *extra], via
-    launcher = [sys.executable, "-m", "glimpse.bench.serving_bench", "serve"]
+        settings["enable_prefix_caching"] = False
+    model = f"random:{cfg.random_weights}" if cfg.random_weights else str(cfg.model)
+    engine_names = set(setting_names(EngineConfig))
+    engine = EngineConfig.from_kwargs(model, **{k: v for k, v in settings.items() if k in engine_names})
+    server = from_flat(ServerConfig, **{k: v for k, v in settings.items() if k not in engine_names})
+    return engine, server
+
+
+def server_command(cfg: OnlineConfig) -> list[str]:
+    """The public server entry, or this module's launcher for a random-weight model."""
     if cfg.random_weights:
-        model = f"random:{cfg.random_weights}"
-        launcher_flags = ["--bench-random-weights", cfg.random_weights]
-    else:
-        model, launcher_flags = str(cfg.model), []
-    if extra == [NO_PREFIX_FLAG]:
-        common += extra
-    elif extra:
-        launcher_flags += extra
-    return [*launcher, model, *common, *launcher_flags], via
+        return [sys.executable, "-m", "glimpse.bench.serving_bench", "serve", "--bench-random-weights",
+                cfg.random_weights]  # fmt: skip
+    return [sys.executable, "-m", "glimpse.server"]
 
 
-def start_server(command: list[str], port: int, timeout: float) -> ServerProcess:
+def parse_server_args(text: str) -> dict[str, Any]:
+    """`--online-server-args '--block-size 32 ...'`: the `glimpse serve` flags given, as flat settings."""
+    import shlex
+
+    parser = argparse.ArgumentParser(prog="--online-server-args", add_help=False)
+    for cls in (EngineConfig, ServerConfig):
+        add_flags(parser, cls, defaults=dict.fromkeys(setting_names(cls), argparse.SUPPRESS))
+    return vars(parser.parse_args(shlex.split(text)))
+
+
+def start_server(command: list[str], configs: str, port: int, timeout: float) -> ServerProcess:
+    """Start `command` with the configuration JSON on stdin and wait until /health answers."""
     import httpx
 
     log_file = tempfile.NamedTemporaryFile("w", prefix="glimpse-bench-serve-", suffix=".log", delete=False)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=dict(os.environ))
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=log_file, stderr=subprocess.STDOUT,
+                            env=dict(os.environ), text=True)  # fmt: skip
+    proc.stdin.write(configs)
+    proc.stdin.close()
     server = ServerProcess(proc, port, log_file.name, command)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -439,11 +445,12 @@ def online(cfg: OnlineConfig) -> list[dict]:
     """One server per prefix-caching setting; per concurrency level, `num_requests` fresh requests."""
     system = random_words(np.random.default_rng(cfg.seed + 7), cfg.system_words) if cfg.system_words else ""
     results = []
+    command = server_command(cfg)
     for mode_no, prefix in enumerate(cfg.prefix_caching):
         port = free_port()
-        command, via = server_command(cfg, port, prefix)
-        log.info("starting the server: %s", " ".join(command))
-        server = start_server(command, port, cfg.startup_timeout)
+        engine_cfg, server_cfg = server_configs(cfg, port, prefix)
+        log.info("starting the server: %s with %s", " ".join(command), engine_cfg)
+        server = start_server(command, configs_to_json(engine_cfg, server_cfg), port, cfg.startup_timeout)
         try:
             # warm: one request of each kind, one after another, untimed
             warm = _requests(cfg, 0, cfg.seed + 100 + mode_no, system, kinds=list(cfg.mix))
@@ -455,11 +462,13 @@ def online(cfg: OnlineConfig) -> list[dict]:
                 seed = cfg.seed + 1000 * (mode_no + 1) + level_no
                 reqs = _requests(cfg, cfg.num_requests, seed, system)
                 got, seconds = asyncio.run(run_clients(server.url, reqs, n, cfg.request_timeout))
-                row = {"scenario": "online", "prefix_caching": prefix, "prefix_caching_off_via": via if not prefix else None,
+                row = {"scenario": "online", "prefix_caching": prefix,
+                       "prefix_caching_off_via": None if prefix else "enable_prefix_caching=False",
                        "concurrency": n, "model": cfg.random_weights or cfg.model,
                        "weights": "random" if cfg.random_weights else "checkpoint",
                        "mix": {k: round(v, 4) for k, v in cfg.mix.items()}, "output_len": cfg.output_len,
-                       "server_start_s": server.start_s, "server_command": " ".join(command[1:])}  # fmt: skip
+                       "server_start_s": server.start_s, "server_command": " ".join(command[1:]),
+                       "server_settings": _changed_settings(engine_cfg, server_cfg)}  # fmt: skip
                 row |= summarise(got, seconds)
                 if row["errors"]:
                     row["server_log_tail"] = server.log_tail(3000)
@@ -468,6 +477,13 @@ def online(cfg: OnlineConfig) -> list[dict]:
         finally:
             server.stop()
     return results
+
+
+def _changed_settings(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> dict[str, Any]:
+    """The settings of the server that differ from their defaults (api_key left out)."""
+    defaults = {**to_flat(EngineConfig(model=engine_cfg.model)), **to_flat(ServerConfig(api_key=None))}
+    given = {**to_flat(engine_cfg), **to_flat(server_cfg)}
+    return {k: v for k, v in given.items() if v != defaults[k] and k != "api_key"}
 
 
 def _row_text(r: dict) -> str:
@@ -481,8 +497,6 @@ def _row_text(r: dict) -> str:
 
 
 def config_from_args(args) -> OnlineConfig:
-    import shlex
-
     def pair(text: str) -> tuple[int, int]:
         w, _, h = text.lower().partition("x")
         return int(w), int(h)
@@ -497,7 +511,7 @@ def config_from_args(args) -> OnlineConfig:
         image_size=pair(args.online_image_size), pdf_pages=args.online_pdf_pages,
         pdf_page_size=pair(args.online_pdf_page_size), video_frames=args.online_video_frames,
         video_size=pair(args.online_video_size), video_fps=args.online_video_fps, device=args.device,
-        dtype=args.dtype, server_args=shlex.split(args.online_server_args or ""),
+        dtype=args.dtype, server_settings=parse_server_args(args.online_server_args or ""),
         startup_timeout=args.online_startup_timeout, request_timeout=args.online_request_timeout,
     )  # fmt: skip
 
@@ -506,45 +520,29 @@ def config_from_args(args) -> OnlineConfig:
 
 
 def serve_main(argv: list[str]) -> int:
-    """`glimpse serve` with two bench-only options: a random-weight model built on the device
-    (`--bench-random-weights ARCH`), and prefix caching off (`--bench-no-prefix-caching`)."""
-    ours = argparse.ArgumentParser(add_help=False)
-    ours.add_argument("--bench-random-weights", default=None)
-    ours.add_argument("--bench-no-prefix-caching", action="store_true")
-    known, rest = ours.parse_known_args(argv)
-    from glimpse.cli import build_parser
-
-    args = build_parser().parse_args(["serve", *rest])
-    if known.bench_no_prefix_caching:
-        args.enable_prefix_caching = False  # server.app.engine_config takes every EngineConfig field it finds
-    if not known.bench_random_weights:
-        from glimpse.server.app import serve
-
-        return serve(args)
-
-    import uvicorn
+    """`python -m glimpse.bench.serving_bench serve --bench-random-weights ARCH < config.json`:
+    the server of `build_server` around a random-weight model built on the device."""
+    ours = argparse.ArgumentParser(prog="glimpse.bench.serving_bench serve")
+    ours.add_argument("--bench-random-weights", required=True, metavar="ARCH")
+    arch = ours.parse_args(argv).bench_random_weights
 
     from glimpse.bench.random_model import bench_tokenizer, random_model, restrict_vocab
     from glimpse.engine.async_llm import AsyncLLM
     from glimpse.engine.engine import LLMEngine
-    from glimpse.server.app import build_app, engine_config, make_context
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = engine_config(args)
-    device = cfg.resolve_device()
-    model = random_model(known.bench_random_weights, device, cfg.resolve_dtype(device), seed=cfg.seed)
+    engine_cfg, server_cfg = configs_from_json(sys.stdin.read())
+    device = engine_cfg.resolve_device()
+    model = random_model(arch, device, engine_cfg.resolve_dtype(device), seed=engine_cfg.seed)
     tokenizer = bench_tokenizer()
     restrict_vocab(model, len(tokenizer))
-    ctx = make_context(args, AsyncLLM(LLMEngine(cfg, model=model, tokenizer=tokenizer)))
-    app = build_app(ctx, api_key=getattr(args, "api_key", None))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                timeout_graceful_shutdown=5)  # fmt: skip
+    run_server(engine_cfg, server_cfg, AsyncLLM(LLMEngine(engine_cfg, model=model, tokenizer=tokenizer)))
     return 0
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "serve":
         sys.exit(serve_main(sys.argv[2:]))
-    print("usage: python -m glimpse.bench.serving_bench serve MODEL [glimpse serve flags] "
-          "[--bench-random-weights ARCH] [--bench-no-prefix-caching]", file=sys.stderr)  # fmt: skip
+    print("usage: python -m glimpse.bench.serving_bench serve --bench-random-weights ARCH < config.json",
+          file=sys.stderr)  # fmt: skip
     sys.exit(2)

@@ -30,6 +30,8 @@ from glimpse.bench.floors import median_seconds as _median_seconds
 from glimpse.bench.floors import sync as _sync
 from glimpse.bench.llm_bench import BenchContext, _engine, _release
 from glimpse.config_radio import RadioConfig
+from glimpse.engine.llm import input_processor
+from glimpse.engine.vision_encoder import normalise
 from glimpse.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -130,7 +132,7 @@ def _first_token_seconds(engine, request_id: str, prompt: dict, params: Sampling
     """Process the prompt and step the engine until the request's first token; the phases' times."""
     _sync(device)
     t0 = time.perf_counter()
-    inp = engine.processor.from_prompt(prompt)
+    inp = input_processor(engine).from_prompt(prompt)
     _sync(device)
     t1 = time.perf_counter()
     engine.add_request(
@@ -159,8 +161,6 @@ def video_ttft(
     repeats: int = 1,
 ) -> list[dict]:
     """TTFT of a question about `num_frames` in-memory frames, at each pruning rate (fresh frames each time)."""
-    from glimpse.processing.multimodal import _normalise
-
     model = ctx.model
     _require_vl(model, "video-ttft")
     per_frame = model.config.tokens_per_tile
@@ -183,7 +183,7 @@ def video_ttft(
                 runs.append(_first_token_seconds(engine, f"v{q}-{r}", prompt, params, ctx.device))
             # the vision encoder alone on the last clip's frames (what part of the TTFT is the eyes)
             u8 = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)
-            pixels = _normalise(u8, model.config, ctx.device)
+            pixels = normalise(u8, model.config, ctx.device)
             encode_s, _ = _median_seconds(lambda p=pixels: model.encode_video(p), ctx.device, 1, warmup=1)
             ttfts = [x["ttft_s"] for x in runs]
             best = runs[int(np.argsort(ttfts)[len(ttfts) // 2])]
@@ -193,7 +193,7 @@ def video_ttft(
                 "ttft_s": float(np.median(ttfts)), "ttft_s_all": ttfts, "processing_s": best["processing_s"],
                 "encode_video_s": encode_s, "prompt_tokens": best["prompt_tokens"],
                 "video_tokens": vt.get("total"), "video_tokens_kept": vt.get("kept"),
-                "chunk": engine.cfg.max_num_batched_tokens, "repeats": repeats,
+                "chunk": engine.cfg.scheduler.max_num_batched_tokens, "repeats": repeats,
             })  # fmt: skip
     finally:
         _release(engine)

@@ -3,6 +3,10 @@
 The engine runs on one background thread that owns it: requests and aborts reach it through a command
 queue, outputs come back to each caller's asyncio queue. `generate` is an async iterator of cumulative
 RequestOutputs; leaving it early (a client that disconnects) aborts the request and frees its memory.
+
+Input processing runs on the caller's threads (the server's worker threads). The one thing it needs
+from the engine, EVS's frame embeddings, is handed to the engine thread as a command and waited for,
+so the vision encoder only ever runs on the engine thread, between steps.
 """
 
 from __future__ import annotations
@@ -12,15 +16,20 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from glimpse.engine.config import EngineConfig
 from glimpse.engine.engine import LLMEngine
+from glimpse.engine.llm import input_processor
+from glimpse.engine.vision_encoder import CachedVisionEncoder
 from glimpse.errors import GlimpseError
+from glimpse.inputs import MediaPixels, ProcessedInput
 from glimpse.outputs import RequestOutput
-from glimpse.processing.inputs import ProcessedInput
 from glimpse.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -39,13 +48,30 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+class _OnEngineThread:
+    """The engine's vision encoder as processing sees it from a request thread: each call is run by the
+    engine thread between two steps (`run` hands it over and waits)."""
+
+    def __init__(self, encoder: CachedVisionEncoder, run: Callable[..., Any]) -> None:
+        self._encoder = encoder
+        self._run = run
+        self.frames_per_encode = encoder.frames_per_encode
+
+    def encode_frames(self, pixels: MediaPixels, start: int, end: int) -> torch.Tensor:
+        return self._run(self._encoder.encode_frames, pixels, start, end)
+
+
 class AsyncLLM:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
+        vision = engine.vision_encoder
+        self.processor = input_processor(engine, _OnEngineThread(vision, self._call) if vision else None)
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
         self._stopped = threading.Event()
+        self._closed = False  # the engine thread has stopped taking commands
+        self._closing = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="glimpse-engine", daemon=True)
         self._thread.start()
 
@@ -57,12 +83,19 @@ class AsyncLLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
-    @property
-    def processor(self):
-        return self.engine.processor
-
     # The engine thread -------------------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:
+            with self._closing:
+                self._closed = True
+            while not self._commands.empty():  # nobody will run these: release whoever waits on them
+                cmd = self._commands.get()
+                if cmd[0] == "call":
+                    cmd[1].set_exception(EngineDeadError("the engine has been shut down"))
+
+    def _serve(self) -> None:
         engine = self.engine
         while not self._stopped.is_set():
             block = not engine.has_unfinished()
@@ -71,6 +104,8 @@ class AsyncLLM:
                     cmd = self._commands.get(block=block, timeout=0.1 if block else None)
                     block = False
                     self._run_command(cmd)
+                    if cmd[0] == "call":  # at most one vision call between two steps
+                        break
             except queue.Empty:
                 pass
             if not engine.has_unfinished():
@@ -107,6 +142,21 @@ class AsyncLLM:
             stream = self._streams.pop(cmd[1], None)
             if stream is not None and out is not None:
                 stream.put(out)
+        elif kind == "call":
+            _, future, fn, args = cmd
+            try:
+                future.set_result(fn(*args))
+            except Exception as e:
+                future.set_exception(e)
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` run by the engine thread between two steps; blocks the calling thread until done."""
+        future: Future = Future()
+        with self._closing:
+            if self._closed:
+                raise EngineDeadError("the engine has been shut down")
+            self._commands.put(("call", future, fn, args))
+        return future.result()
 
     def _finish_stream(self, rid: str, error: BaseException) -> None:
         stream = self._streams.pop(rid, None)
@@ -115,9 +165,15 @@ class AsyncLLM:
 
     # The caller's side -------------------------------------------------------------------------------
     def process(self, prompt: Any) -> ProcessedInput:
+        """`InputProcessor.from_prompt` (a ProcessedInput passes through). Media makes it blocking work:
+        call it off the event loop."""
         if isinstance(prompt, ProcessedInput):
             return prompt
-        return self.engine.processor.from_prompt(prompt)
+        return self.processor.from_prompt(prompt)
+
+    def process_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> ProcessedInput:
+        """`InputProcessor.from_messages` (the chat template, the media): blocking work, off the event loop."""
+        return self.processor.from_messages(messages, **kwargs)
 
     async def generate(
         self, prompt: Any, sampling_params: SamplingParams | None = None, request_id: str | None = None

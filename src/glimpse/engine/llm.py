@@ -1,47 +1,46 @@
-"""The offline Python API, as in vLLM: `LLM(model).generate(prompts)` and `LLM(model).chat(messages)`."""
+"""The offline Python API, as in vLLM: `LLM(model).generate(prompts)` and `LLM(model).chat(messages)`.
+
+`LLM` composes an input processor and an engine; `input_processor` is how any caller (AsyncLLM too)
+builds the processor that fits an engine's tokenizer, model and media settings.
+"""
 
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Sequence as Seq
 from typing import Any
 
 from glimpse.engine.config import EngineConfig
 from glimpse.engine.engine import LLMEngine
+from glimpse.inputs import VisionEncoder
 from glimpse.outputs import RequestOutput
+from glimpse.processing.inputs import InputProcessor
+from glimpse.processing.media import MediaPolicy
 from glimpse.sampling_params import SamplingParams
 
 
+def input_processor(engine: LLMEngine, encoder: VisionEncoder | None = None) -> InputProcessor:
+    """The processor for `engine`'s inputs. EVS reaches the vision encoder through `encoder`; by default
+    the engine's own, called on the caller's thread (right when that thread also steps the engine)."""
+    cfg, vision = engine.cfg, engine.vision_encoder
+    return InputProcessor(
+        engine.tokenizer,
+        vision.config if vision is not None else None,
+        encoder or vision,
+        video_pruning_rate=cfg.media.video_pruning_rate,
+        media_policy=MediaPolicy(
+            allowed_local_media_path=cfg.media.allowed_local_media_path,
+            allow_private_urls=cfg.media.allow_private_media_urls,
+        ),
+    )
+
+
 class LLM:
-    def __init__(
-        self,
-        model: str,
-        dtype: str = "auto",
-        device: str = "auto",
-        max_model_len: int | None = None,
-        max_num_batched_tokens: int = 8192,
-        max_num_seqs: int = 256,
-        enable_prefix_caching: bool = True,
-        mamba_ssm_cache_dtype: str = "float32",
-        gpu_memory_utilization: float = 0.9,
-        cache_memory_bytes: int | None = None,
-        video_pruning_rate: float = 0.0,
-        allowed_local_media_path: str | None = None,
-        allow_private_media_urls: bool = True,
-        seed: int = 0,
-        **engine_kwargs: Any,
-    ) -> None:
-        cfg = EngineConfig(
-            model=str(model), dtype=dtype, device=device, max_model_len=max_model_len,
-            max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-            enable_prefix_caching=enable_prefix_caching, mamba_ssm_cache_dtype=mamba_ssm_cache_dtype,
-            gpu_memory_utilization=gpu_memory_utilization, cache_memory_bytes=cache_memory_bytes,
-            video_pruning_rate=video_pruning_rate, allowed_local_media_path=allowed_local_media_path,
-            allow_private_media_urls=allow_private_media_urls, seed=seed, **engine_kwargs,
-        )  # fmt: skip
-        if not 0 <= video_pruning_rate < 1:
-            raise ValueError(f"video_pruning_rate must be in [0, 1), got {video_pruning_rate}")
-        self.engine = LLMEngine(cfg)
+    def __init__(self, model: str | os.PathLike[str], **kwargs: Any) -> None:
+        """`kwargs`: the flat settings of `EngineConfig` (API.md's `LLM(...)` arguments and their defaults)."""
+        self.engine = LLMEngine(EngineConfig.from_kwargs(model, **kwargs))
+        self.processor = input_processor(self.engine)
         self._ids = itertools.count()
 
     def get_tokenizer(self):
@@ -64,7 +63,7 @@ class LLM:
         """One prompt or a list; the result is always a list in the same order."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
-        inputs = [self.engine.processor.from_prompt(p) for p in prompts]
+        inputs = [self.processor.from_prompt(p) for p in prompts]
         return self._run(inputs, self._per_prompt(sampling_params, len(inputs)))
 
     def chat(
@@ -81,7 +80,7 @@ class LLM:
         """One conversation (a list of message dicts) or a list of them; one output per conversation."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         inputs = [
-            self.engine.processor.from_messages(
+            self.processor.from_messages(
                 conv,
                 tools=tools,
                 chat_template_kwargs=chat_template_kwargs,

@@ -10,8 +10,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
+from glimpse.inputs import MediaSpan
 from glimpse.sampling_params import SamplingParams
 
 # Stands in a sequence's output for a token sampled on the device but not yet read back (the engine's
@@ -23,24 +22,6 @@ class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-@dataclass
-class MediaSpan:
-    """A run of placeholder tokens in the prompt filled by vision embeddings instead of the token table.
-
-    `embeddings` is [length, hidden]; `content_hash` identifies the media and its processing (prefix
-    cache keys include it, since the placeholder tokens alone say nothing about the pixels)."""
-
-    start: int  # position of the first placeholder token in the prompt
-    embeddings: torch.Tensor | None  # filled lazily by the encoder (or its cache)
-    length: int
-    content_hash: str
-    encode: Any = None  # callable producing the embeddings when they are not cached
-
-    @property
-    def end(self) -> int:
-        return self.start + self.length
 
 
 @dataclass

@@ -9,6 +9,8 @@ import torch
 from glimpse.engine.request import PENDING_TOKEN, Sequence
 from glimpse.engine.sampler import SamplerOutput, sample, sample_on_device
 from glimpse.engine.scheduler import SchedulerOutput
+from glimpse.engine.structured import batch_allowed_mask
+from glimpse.engine.vision_encoder import CachedVisionEncoder
 from glimpse.model.batch import CacheTensors, ForwardBatch
 
 
@@ -43,14 +45,16 @@ class ModelRunner:
         device: torch.device,
         eos_token_ids: list[int],
         generator: torch.Generator | None = None,
+        vision: CachedVisionEncoder | None = None,
     ):
         self.model = model
+        self.vision = vision  # encodes media spans as the prompt chunks reach them (VL models)
         self.generator = generator  # the draws of unseeded sequences
         self.cache = cache
         self.device = device
         self.eos_token_ids = eos_token_ids
-        self.num_forward_tokens = 0
-        self.graphs = None  # DecodeGraphs on CUDA (set by the engine), None for eager execution  # tokens computed so far (the prefix cache saves some of them)
+        self.num_forward_tokens = 0  # tokens computed so far (the prefix cache saves some of them)
+        self.graphs = None  # DecodeGraphs on CUDA (set by the engine), None for eager execution
 
     def _reset_states(self, seqs: list[Sequence]) -> None:
         """A sequence starting from token 0 must start from zero Mamba state, whoever had its slot before."""
@@ -67,17 +71,18 @@ class ModelRunner:
         offset = 0
         for chunk in sched.chunks:
             start, end = chunk.start, chunk.start + chunk.num_tokens
-            for span in chunk.seq.request.media_spans:
+            spans = chunk.seq.request.media_spans
+            for span in spans:
                 lo, hi = max(start, span.start), min(end, span.end)
                 if lo < hi:
-                    pieces.append((offset + lo - start, span, lo - span.start, hi - lo))
+                    pieces.append((offset + lo - start, span, spans, lo - span.start, hi - lo))
             offset += chunk.num_tokens
         if not pieces:
             return None
         embeds = self.model.embed(ids)
-        for at, span, src, n in pieces:
+        for at, span, spans, src, n in pieces:
             if span.embeddings is None:
-                span.embeddings = span.encode()
+                self.vision.fill(span, spans)
             embeds[at : at + n] = span.embeddings[src : src + n].to(embeds.device, embeds.dtype)
         return embeds
 
@@ -187,8 +192,6 @@ class ModelRunner:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> SamplerOutput:
         mask = None
         if any(s.grammar is not None and not s.grammar_waits for s in seqs):
-            from glimpse.engine.structured import batch_allowed_mask
-
             matchers = [s.grammar if not s.grammar_waits else None for s in seqs]
             mask = batch_allowed_mask(matchers, logits.shape[-1], logits.device)
         return sample(

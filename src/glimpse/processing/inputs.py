@@ -1,32 +1,46 @@
 """Prompts and conversations -> what the engine needs: token ids, and media spans to embed.
 
 One place turns every kind of input (a string, token ids, a prompt with multi_modal_data, OpenAI
-messages with content parts) into a `ProcessedInput`, for the Python API and the server alike.
+messages with content parts) into a `ProcessedInput`, for the Python API and the server alike. It knows
+the tokenizer, the model's image geometry, the media defaults and, for EVS, the vision encoder's
+interface; it never sees the engine.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
-from glimpse.engine.request import MediaSpan
+from glimpse.config import VLConfig
 from glimpse.errors import InvalidRequestError
+from glimpse.inputs import ProcessedInput, VisionEncoder
 from glimpse.processing.chat import render_chat
-
-
-@dataclass
-class ProcessedInput:
-    prompt: str | None
-    prompt_token_ids: list[int]
-    media_spans: list[MediaSpan] = field(default_factory=list)
-    media_info: list[dict[str, Any]] = field(default_factory=list)
-    video_tokens: dict[str, int] | None = None
+from glimpse.processing.media import MediaLimits, MediaPolicy
+from glimpse.processing.multimodal import MediaBuilder, MediaOptions, chat_with_media, prompt_with_media
 
 
 class InputProcessor:
-    def __init__(self, engine) -> None:
-        self.engine = engine
-        self.tokenizer = engine.tokenizer
+    def __init__(
+        self,
+        tokenizer,
+        geometry: VLConfig | None = None,
+        encoder: VisionEncoder | None = None,
+        *,
+        video_pruning_rate: float = 0.0,
+        media_policy: MediaPolicy | None = None,
+    ) -> None:
+        """`geometry` and `encoder` for a VL model (None: text only); `video_pruning_rate` and
+        `media_policy` are the defaults for requests that name none."""
+        if (geometry is None) != (encoder is None):
+            raise ValueError("a VL model's processor needs both its geometry and its vision encoder")
+        self.tokenizer = tokenizer
+        self.geometry = geometry
+        self.encoder = encoder
+        self.video_pruning_rate = video_pruning_rate
+        self.media_policy = media_policy or MediaPolicy()
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self.geometry is not None
 
     def from_prompt(self, prompt: Any) -> ProcessedInput:
         """A `str`, `{"prompt_token_ids": [...]}`, or `{"prompt": str, "multi_modal_data": {...}}`."""
@@ -55,23 +69,37 @@ class InputProcessor:
         mm_processor_kwargs: dict[str, Any] | None = None,
         media_io_kwargs: dict[str, Any] | None = None,
         video_pruning_rate: float | None = None,
-        media_limits: Any = None,
-        media_policy: Any = None,
+        media_limits: MediaLimits | None = None,
+        media_policy: MediaPolicy | None = None,
     ) -> ProcessedInput:
-        if getattr(self.engine.model, "is_multimodal", False):
-            from glimpse.processing.multimodal import process_chat
-
-            return process_chat(
-                self, messages, tools=tools, chat_template_kwargs=chat_template_kwargs,
-                mm_processor_kwargs=mm_processor_kwargs, media_io_kwargs=media_io_kwargs,
-                video_pruning_rate=video_pruning_rate, media_limits=media_limits, media_policy=media_policy,
-            )  # fmt: skip
+        if self.is_multimodal:
+            builder = self._media_builder(
+                mm_processor_kwargs, media_io_kwargs, video_pruning_rate, media_limits, media_policy
+            )
+            return chat_with_media(builder, messages, tools=tools, chat_template_kwargs=chat_template_kwargs)
         text = render_chat(self.tokenizer, messages, tools=tools, chat_template_kwargs=chat_template_kwargs)
         return ProcessedInput(text, self.tokenizer.encode(text, add_special_tokens=False))
 
     def _multimodal_prompt(self, prompt: dict[str, Any]) -> ProcessedInput:
-        if not getattr(self.engine.model, "is_multimodal", False):
+        if not self.is_multimodal:
             raise InvalidRequestError("this model reads text only; multi_modal_data needs a VL checkpoint")
-        from glimpse.processing.multimodal import process_prompt
+        builder = self._media_builder(
+            prompt.get("mm_processor_kwargs"), prompt.get("media_io_kwargs"), prompt.get("video_pruning_rate"),
+            None, None,
+        )  # fmt: skip
+        return prompt_with_media(builder, prompt)
 
-        return process_prompt(self, prompt)
+    def _media_builder(
+        self,
+        mm_processor_kwargs: dict[str, Any] | None,
+        media_io_kwargs: dict[str, Any] | None,
+        video_pruning_rate: float | None,
+        limits: MediaLimits | None,
+        policy: MediaPolicy | None,
+    ) -> MediaBuilder:
+        rate = self.video_pruning_rate if video_pruning_rate is None else video_pruning_rate
+        options = MediaOptions.build(
+            self.geometry, mm_processor_kwargs, media_io_kwargs, rate, limits or MediaLimits(),
+            policy or self.media_policy,
+        )  # fmt: skip
+        return MediaBuilder(self.tokenizer, self.geometry, self.encoder, options)

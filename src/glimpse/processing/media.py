@@ -14,6 +14,7 @@ import binascii
 import hashlib
 import io
 import ipaddress
+import json
 import os
 import re
 import socket
@@ -29,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from glimpse.errors import LimitExceededError, MediaError
+from glimpse.settings import POSITIVE, Rule, check_settings, setting
 
 MAX_REDIRECTS = 5
 USER_AGENT = "glimpse-vl media fetcher"  # some hosts refuse requests that don't say who asks
@@ -42,19 +44,57 @@ _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
-@dataclass
-class MediaLimits:
-    """Per-item limits (API.md server defaults). Bytes limits apply to one fetched item."""
+MEDIA_KINDS = ("image", "video", "file")  # the content-part kinds counted per prompt
+DEFAULT_LIMIT_MM_PER_PROMPT = {"image": 16, "video": 2, "file": 4}
 
-    max_image_pixels: int = 64_000_000
-    max_video_bytes: int = 2_147_483_648
-    max_video_seconds: float = 21600
-    max_video_frames: int = 1024
-    max_pdf_pages: int = 32
-    max_image_bytes: int = 268_435_456
-    max_pdf_bytes: int = 268_435_456
-    max_media_bytes: int = 268_435_456  # fetch_bytes' default when the caller names no limit
-    fetch_timeout: float = 30.0  # seconds for a whole http(s) fetch, redirects included
+
+def parse_limit_mm_per_prompt(text: str) -> dict[str, int]:
+    """`'{"image": 4}'` (a flag's JSON): kinds not named keep their defaults."""
+    try:
+        given = json.loads(text)
+    except ValueError:
+        raise ValueError(
+            f"limit_mm_per_prompt must be a JSON object like '{json.dumps(DEFAULT_LIMIT_MM_PER_PROMPT)}'"
+        ) from None
+    if not isinstance(given, dict):
+        raise ValueError("limit_mm_per_prompt must be a JSON object")
+    return {**DEFAULT_LIMIT_MM_PER_PROMPT, **given}
+
+
+def _counts_per_kind(value: dict) -> bool:
+    return all(
+        kind in MEDIA_KINDS and isinstance(n, int) and not isinstance(n, bool) and n >= 0
+        for kind, n in value.items()
+    )
+
+
+@dataclass(frozen=True)
+class MediaLimits:
+    """Limits on a request's media (API.md's server defaults); the byte limits apply to one item."""
+
+    limit_mm_per_prompt: dict[str, int] = setting(
+        default_factory=lambda: dict(DEFAULT_LIMIT_MM_PER_PROMPT),
+        help='media items per request, e.g. \'{"image": 16, "video": 2, "file": 4}\' (kinds left out keep '
+        "their defaults; PDF pages do not count as images)",
+        rule=Rule(f"a map from {', '.join(MEDIA_KINDS)} to an integer >= 0", _counts_per_kind),
+        parse=parse_limit_mm_per_prompt, metavar="JSON",
+    )  # fmt: skip
+    max_image_pixels: int = setting(64_000_000, help="pixels per image", rule=POSITIVE)
+    max_video_bytes: int = setting(2_147_483_648, help="bytes per video", rule=POSITIVE)
+    max_video_seconds: float = setting(21600.0, help="seconds per video", rule=POSITIVE)
+    max_video_frames: int = setting(1024, help="frames sampled per video", rule=POSITIVE)
+    max_pdf_pages: int = setting(32, help="pages per PDF", rule=POSITIVE)
+    max_image_bytes: int = setting(268_435_456, help="bytes per image", rule=POSITIVE)
+    max_pdf_bytes: int = setting(268_435_456, help="bytes per PDF", rule=POSITIVE)
+    max_media_bytes: int = setting(
+        268_435_456, help="bytes per media item of a kind without its own limit", rule=POSITIVE
+    )
+    media_fetch_timeout: float = setting(
+        30.0, help="seconds for a whole http(s) media fetch, redirects included", rule=POSITIVE
+    )
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 @dataclass
@@ -120,7 +160,7 @@ def fetch_bytes(
     if scheme == "data":
         return decode_data_uri(text, max_bytes)
     if scheme in ("http", "https"):
-        return _fetch_http(text, policy, limits.fetch_timeout, max_bytes)
+        return _fetch_http(text, policy, limits.media_fetch_timeout, max_bytes)
     if scheme == "file":
         return _read_local(_file_url_path(text), source_text=text, policy=policy, max_bytes=max_bytes)
     if scheme and "://" in text:

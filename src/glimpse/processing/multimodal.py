@@ -3,8 +3,9 @@
 Each image becomes `<img>` + `<image>`×(256·tiles) + `</img>`; several images are labelled `<image k>`;
 a PDF is its pages as images; a video is, per sampled frame, `Frame k sampled at t seconds: ` + `<img>`
 + `<image>`×n_k + `</img>`, where n_k is 256, or fewer when EVS prunes the frame. Token ids come from the
-tokenizer; each piece is tokenised on its own. Vision embeddings are computed lazily when the engine
-reaches the media (or at once when EVS needs them to count tokens), through the engine's encoder cache.
+tokenizer; each piece is tokenised on its own. The media goes to the engine as uint8 pixels in media
+spans; the engine encodes them when its prompt chunks reach them. Only EVS needs embeddings here (they
+decide each frame's tokens): it asks the engine's vision encoder for them, a frame group at a time.
 """
 
 from __future__ import annotations
@@ -17,34 +18,38 @@ from typing import Any
 import numpy as np
 import torch
 
-from glimpse.engine.request import MediaSpan
+from glimpse.config import VLConfig
 from glimpse.errors import InvalidRequestError, MediaError
+from glimpse.inputs import MediaPixels, MediaSpan, ProcessedInput, VisionEncoder
 from glimpse.processing import evs
 from glimpse.processing.chat import render_chat
 from glimpse.processing.image import resize_square, tile_image
-from glimpse.processing.inputs import InputProcessor, ProcessedInput
-from glimpse.processing.media import MediaLimits, MediaPolicy, content_hash, fetch_bytes, load_image
+from glimpse.processing.media import (
+    MediaLimits,
+    MediaPolicy,
+    content_hash,
+    fetch_bytes,
+    load_image,
+    resolve_local_path,
+)
 from glimpse.processing.pdf import render_pdf
 from glimpse.processing.video import VideoClip, clip_from_frames, frame_prompt_text
 from glimpse.processing.video_decode import decode_video
 
 _MARKER = "\x00media{}\x00"
-FRAMES_PER_ENCODE = 16  # video frames per vision-encoder call (4,096 LLM tokens at 256 per frame)
 _MARKER_RE = re.compile("\x00media(\\d+)\x00")
 
 
 @dataclass
 class ImageItem:
-    tiles: torch.Tensor  # uint8 [N, 3, 512, 512]: normalised on the device when encoded
-    key: str  # content hash + processing parameters (encoder cache, prefix cache)
+    pixels: MediaPixels  # uint8 tiles [N, 3, 512, 512]
     page: int | None = None
 
 
 @dataclass
 class VideoItem:
     clip: VideoClip
-    frames: torch.Tensor  # uint8 [T, 3, 512, 512]
-    key: str
+    pixels: MediaPixels  # uint8 frames [T, 3, 512, 512]
     pruning_rate: float
 
 
@@ -59,13 +64,19 @@ class MediaOptions:
 
     @classmethod
     def build(
-        cls, proc: InputProcessor, mm_processor_kwargs, media_io_kwargs, video_pruning_rate, limits, policy
-    ):
-        cfg = proc.engine.model.config
+        cls,
+        geometry: VLConfig,
+        mm_processor_kwargs: dict[str, Any] | None,
+        media_io_kwargs: dict[str, Any] | None,
+        video_pruning_rate: float,
+        limits: MediaLimits,
+        policy: MediaPolicy,
+    ) -> MediaOptions:
+        """One request's options: its kwargs checked, over the model's and the processor's defaults."""
         mm = dict(mm_processor_kwargs or {})
         video_io = dict((media_io_kwargs or {}).get("video") or {})
-        q = proc.engine.cfg.video_pruning_rate if video_pruning_rate is None else video_pruning_rate
-        tiles = mm.get("max_num_tiles", cfg.max_num_tiles)
+        q = video_pruning_rate
+        tiles = mm.get("max_num_tiles", geometry.max_num_tiles)
         if not isinstance(tiles, int) or not 1 <= tiles <= 64:
             raise InvalidRequestError("mm_processor_kwargs.max_num_tiles must be an integer in [1, 64]")
         if not isinstance(q, (int, float)) or not 0 <= q < 1:
@@ -75,12 +86,7 @@ class MediaOptions:
             raise InvalidRequestError("media_io_kwargs.video.fps must be a positive number")
         if not isinstance(num, int) or num < 1:
             raise InvalidRequestError("media_io_kwargs.video.num_frames must be a positive integer")
-        if policy is None:
-            policy = MediaPolicy(
-                allowed_local_media_path=proc.engine.cfg.allowed_local_media_path,
-                allow_private_urls=proc.engine.cfg.allow_private_media_urls,
-            )
-        return cls(tiles, float(fps), num, float(q), policy, limits or MediaLimits())
+        return cls(tiles, float(fps), num, float(q), policy, limits)
 
 
 def _to_uint8_chw(images: list) -> torch.Tensor:
@@ -93,12 +99,10 @@ def _to_uint8_chw(images: list) -> torch.Tensor:
 class MediaBuilder:
     """Loads the media of one prompt, in order, and turns it into tokens and spans."""
 
-    def __init__(self, proc: InputProcessor, options: MediaOptions) -> None:
-        self.proc = proc
-        self.engine = proc.engine
-        self.model = proc.engine.model
-        self.cfg = self.model.config
-        self.tok = proc.tokenizer
+    def __init__(self, tokenizer, geometry: VLConfig, encoder: VisionEncoder, options: MediaOptions) -> None:
+        self.tok = tokenizer
+        self.cfg = geometry
+        self.encoder = encoder
         self.options = options
         self.items: list[list[ImageItem] | VideoItem] = []  # a PDF is a list of page images
         self.ids = {
@@ -120,7 +124,7 @@ class MediaBuilder:
         tiles = tile_image(img, self.options.max_num_tiles, self.cfg.force_image_size, self.cfg.use_thumbnail)
         u8 = _to_uint8_chw(tiles)
         key = f"image:{content_hash(u8.permute(0, 2, 3, 1).numpy())}"
-        return ImageItem(u8, key, page)
+        return ImageItem(MediaPixels("image", u8, key), page)
 
     def add_pdf(self, data: bytes) -> str:
         pages = render_pdf(data, max_pages=self.options.limits.max_pdf_pages)
@@ -142,7 +146,7 @@ class MediaBuilder:
         frames = [resize_square(f, size) for f in clip.frames]
         u8 = _to_uint8_chw(frames)
         key = f"video:{content_hash(u8.permute(0, 2, 3, 1).numpy())}"  # the stacked buffer, not a copy
-        self.items.append(VideoItem(clip, u8, key, o.pruning_rate))
+        self.items.append(VideoItem(clip, MediaPixels("video", u8, key), o.pruning_rate))
         return _MARKER.format(len(self.items) - 1)
 
     def _video_source(self, url: str) -> Any:
@@ -150,8 +154,6 @@ class MediaBuilder:
         o = self.options
         if url.startswith("data:") or ("://" in url and not url.startswith("file://")):
             return fetch_bytes(url, o.policy, o.limits, o.limits.max_video_bytes)
-        from glimpse.processing.media import resolve_local_path
-
         return str(resolve_local_path(url, o.policy, o.limits.max_video_bytes))  # a path or a file:// URL
 
     def add_part(self, part: dict[str, Any]) -> str:
@@ -226,7 +228,7 @@ class MediaBuilder:
                     ids += self._image_tokens(image, spans, len(ids))
                     entry = {
                         "type": "image",
-                        "tiles": image.tiles.shape[0],
+                        "tiles": image.pixels.data.shape[0],
                         "tokens": self._tile_tokens(image),
                     }
                     if image.page is not None:
@@ -234,7 +236,7 @@ class MediaBuilder:
                     info.append(entry)
             else:
                 kept = self._video_tokens(item, ids, spans)
-                total = item.frames.shape[0] * self.cfg.tokens_per_tile
+                total = item.pixels.data.shape[0] * self.cfg.tokens_per_tile
                 video_total, video_kept = video_total + total, video_kept + sum(kept)
                 clip = item.clip
                 info.append({
@@ -255,52 +257,30 @@ class MediaBuilder:
         return ProcessedInput(shown, ids, spans, info, videos)
 
     def _tile_tokens(self, image: ImageItem) -> int:
-        return image.tiles.shape[0] * self.cfg.tokens_per_tile
+        return image.pixels.data.shape[0] * self.cfg.tokens_per_tile
 
     def _image_tokens(self, image: ImageItem, spans: list[MediaSpan], at: int) -> list[int]:
         n = self._tile_tokens(image)
         start_id, ctx_id, end_id = self.ids.values()
-        model, cache = self.model, self.engine.encoder_cache
-        dev = self.engine.device
-
-        def encode(image=image):
-            return cache.get_or_compute(
-                image.key, lambda: model.encode_images(_normalise(image.tiles, self.cfg, dev)).flatten(0, 1)
-            )
-
-        spans.append(
-            MediaSpan(start=at + 1, embeddings=None, length=n, content_hash=image.key, encode=encode)
-        )
+        spans.append(MediaSpan(at + 1, None, n, image.pixels.key, pixels=image.pixels))
         return [start_id] + [ctx_id] * n + [end_id]
 
     def _video_tokens(self, item: VideoItem, ids: list[int], spans: list[MediaSpan]) -> list[int]:
-        start_id, ctx_id, end_id = self.ids.values()
-        model, cache, dev = self.model, self.engine.encoder_cache, self.engine.device
-        per_frame = self.cfg.tokens_per_tile
-        total = item.frames.shape[0]
-        groups: dict[int, torch.Tensor] = {}
-
-        def frame_group(g: int) -> torch.Tensor:
-            """[<=FRAMES_PER_ENCODE, h, w, D] for frames g*F.. : a long video is encoded a group at a time,
-            as the engine's prompt chunks reach it, so its vision work interleaves with other requests'
-            steps instead of stalling them all at once (and a prefix-cache hit skips it entirely)."""
-            if g not in groups:
-                lo, hi = g * FRAMES_PER_ENCODE, min((g + 1) * FRAMES_PER_ENCODE, total)
-                groups[g] = cache.get_or_compute(
-                    f"{item.key}:{lo}-{hi}",
-                    lambda: model.encode_video(_normalise(item.frames[lo:hi], self.cfg, dev)),
-                )
-            return groups[g]
-
-        def frame_grid(t: int) -> torch.Tensor:  # [h, w, D]
-            return frame_group(t // FRAMES_PER_ENCODE)[t % FRAMES_PER_ENCODE]
-
+        ctx_id = self.ids[self.cfg.img_context_token]
+        pixels = item.pixels
+        total = pixels.data.shape[0]
         if item.pruning_rate > 0:  # EVS needs every frame now: the embeddings decide each frame's tokens
-            grid = torch.cat([frame_group(g) for g in range(-(-total // FRAMES_PER_ENCODE))])
+            step = self.encoder.frames_per_encode
+            grid = torch.cat(
+                [
+                    self.encoder.encode_frames(pixels, lo, min(lo + step, total))
+                    for lo in range(0, total, step)
+                ]
+            )
             mask = evs.retention_mask(grid, item.pruning_rate)
             kept = [int(k) for k in mask.flatten(1).sum(1).tolist()]
         else:
-            mask, kept = None, [per_frame] * total
+            grid, mask, kept = None, None, [self.cfg.tokens_per_tile] * total
         frame = 0
         for piece in frame_prompt_text(item.clip, kept):
             if piece.kind == "text":
@@ -308,52 +288,26 @@ class MediaBuilder:
                 continue
             n = int(piece.value)
             if n:
-                t = frame
-
-                def encode(t=t):
-                    g = frame_grid(t)
-                    return g[mask[t]] if mask is not None else g.flatten(0, 1)
-
-                spans.append(
-                    MediaSpan(
-                        start=len(ids),
-                        embeddings=None,
-                        length=n,
-                        content_hash=f"{item.key}:{t}:{item.pruning_rate}",
-                        encode=encode,
-                    )
-                )
+                key = f"{pixels.key}:{frame}:{item.pruning_rate}"
+                embeddings = (
+                    grid[frame][mask[frame]] if grid is not None else None
+                )  # None: the engine encodes
+                spans.append(MediaSpan(len(ids), embeddings, n, key, pixels=pixels, frame=frame))
                 ids += [ctx_id] * n
             frame += 1
         return kept
 
 
-def _normalise(u8: torch.Tensor, cfg, device: torch.device) -> torch.Tensor:
-    """uint8 [N, 3, H, W] -> CLIP-normalised float on the device (pixels travel as bytes: 4x less)."""
-    x = u8.to(device).float().div_(255)
-    mean = torch.tensor(cfg.norm_mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.norm_std, device=device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
-def process_chat(
-    proc: InputProcessor,
+def chat_with_media(
+    builder: MediaBuilder,
     messages: list[dict[str, Any]],
     *,
-    tools=None,
-    chat_template_kwargs=None,
-    mm_processor_kwargs=None,
-    media_io_kwargs=None,
-    video_pruning_rate=None,
-    media_limits=None,
-    media_policy=None,
+    tools: list[dict[str, Any]] | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> ProcessedInput:
-    options = MediaOptions.build(
-        proc, mm_processor_kwargs, media_io_kwargs, video_pruning_rate, media_limits, media_policy
-    )
-    builder = MediaBuilder(proc, options)
+    """OpenAI messages whose content parts may hold images, videos and PDFs."""
     text = render_chat(
-        proc.tokenizer,
+        builder.tok,
         messages,
         tools=tools,
         chat_template_kwargs=chat_template_kwargs,
@@ -362,16 +316,11 @@ def process_chat(
     return builder.build(text)
 
 
-def process_prompt(proc: InputProcessor, prompt: dict[str, Any]) -> ProcessedInput:
+def prompt_with_media(builder: MediaBuilder, prompt: dict[str, Any]) -> ProcessedInput:
     """`{"prompt": "...<image>...<video>...", "multi_modal_data": {"image": ..., "video": ...}}` (vLLM's
     shape). Placeholders `<image>` / `<video>` in the text mark where each item goes, in order; without
     any, the media goes first."""
     data = prompt["multi_modal_data"]
-    options = MediaOptions.build(
-        proc, prompt.get("mm_processor_kwargs"), prompt.get("media_io_kwargs"), prompt.get("video_pruning_rate"),
-        None, None,
-    )  # fmt: skip
-    builder = MediaBuilder(proc, options)
     images = data.get("image")
     images = [] if images is None else images if isinstance(images, list) else [images]
     video = data.get("video")

@@ -5,14 +5,13 @@
 
 Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}` with the status API.md gives;
 bad input is never a 5xx, and a bug in one request is a logged 500 that leaves the server serving.
-`build_app` makes the FastAPI app around a running `AsyncLLM` (tests and embedders use it); `serve`
-builds the engine from the command line and runs uvicorn.
+`build_app` makes the FastAPI app around a running `AsyncLLM` (tests use it); `build_server` makes the
+app, engine included, from an `EngineConfig` and a `ServerConfig` (embedders and the online benchmark use
+it), and `run_server` serves that with uvicorn (`glimpse serve`, `python -m glimpse.server`).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import hmac
 import json
 import logging
@@ -31,7 +30,8 @@ from glimpse.engine.async_llm import AsyncLLM
 from glimpse.engine.config import EngineConfig
 from glimpse.engine.engine import LLMEngine
 from glimpse.errors import AuthenticationError, GlimpseError, InvalidRequestError
-from glimpse.server.args import ServerLimits
+from glimpse.processing.media import MediaPolicy
+from glimpse.server.config import ServerConfig
 from glimpse.server.metrics import CONTENT_TYPE, ServerMetrics
 from glimpse.server.protocol import (
     ChatCompletionChunk,
@@ -242,63 +242,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return schema
 
 
-# ------------------------------------------------------------------------------- from the command line
-
-
-def media_settings(limits: ServerLimits) -> tuple[Any, Any]:
-    """(MediaLimits, MediaPolicy) of the processing layer from the server's flags; (None, None) if the
-    processing layer has no media module (the engine's own settings then apply)."""
-    try:
-        from glimpse.processing.media import MediaLimits, MediaPolicy
-    except ImportError:
-        log.warning("glimpse.processing.media is missing: media limits fall back to the engine's defaults")
-        return None, None
-    wanted = {
-        "max_image_pixels": limits.max_image_pixels,
-        "max_video_bytes": limits.max_video_bytes,
-        "max_video_seconds": limits.max_video_seconds,
-        "max_video_frames": limits.max_video_frames,
-        "max_pdf_pages": limits.max_pdf_pages,
-        "fetch_timeout": limits.media_fetch_timeout,
-    }
-    media_limits = MediaLimits(**_known_fields(MediaLimits, wanted))
-    policy = {
-        "allowed_local_media_path": limits.allowed_local_media_path,
-        "allow_local_files": limits.allowed_local_media_path is not None,
-        "allow_private_urls": limits.allow_private_media_urls,
-    }
-    return media_limits, MediaPolicy(**_known_fields(MediaPolicy, policy))
-
-
-def _known_fields(cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    if not dataclasses.is_dataclass(cls):
-        return values
-    names = {f.name for f in dataclasses.fields(cls)}
-    missing = sorted(set(values) - names)
-    if missing:
-        log.warning("%s has no field(s) %s; those server limits are not applied", cls.__name__, missing)
-    return {k: v for k, v in values.items() if k in names}
-
-
-def engine_stats(engine: LLMEngine) -> Callable[[], dict[str, Any]]:
-    """`engine.stats()` plus the blocks and slots held by live sequences (prefix-cache entries that are
-    evictable excluded): what must return to 0 once every request is done or aborted."""
-
-    def stats() -> dict[str, Any]:
-        out = dict(engine.stats())
-        if "kv_blocks_active" not in out:
-            cache = getattr(engine, "cache", None)
-            blocks, slots = getattr(cache, "blocks", None), getattr(cache, "slots", None)
-            if blocks is not None and hasattr(blocks, "ref_count"):
-                out["kv_blocks_active"] = sum(1 for c in list(blocks.ref_count) if c > 0)
-            if slots is not None and "state_slots_used" in out:
-                prefix = getattr(cache, "prefix", None)
-                out["state_slots_active"] = out["state_slots_used"] - len(
-                    getattr(prefix, "snapshots", ()) or ()
-                )
-        return out
-
-    return stats
+# ------------------------------------------------------------------------------- from a configuration
 
 
 def generation_defaults(model_dir: Any) -> dict[str, Any]:
@@ -312,58 +256,54 @@ def generation_defaults(model_dir: Any) -> dict[str, Any]:
     return {k: config[k] for k in _GENERATION_DEFAULTS if config.get(k) is not None}
 
 
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    fields = {f.name for f in dataclasses.fields(EngineConfig)}
-    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    values["allowed_local_media_path"] = getattr(args, "allowed_local_media_path", None)
-    values["allow_private_media_urls"] = bool(getattr(args, "allow_private_media_urls", False))
-    return EngineConfig(**values)
-
-
-def make_context(args: argparse.Namespace, llm: AsyncLLM | None = None) -> ServingContext:
-    """Build (or take) the engine and everything the handlers need from parsed `glimpse serve` flags."""
-    rate = getattr(args, "video_pruning_rate", 0.0) or 0.0
-    if not 0 <= rate < 1:
-        raise ValueError(f"--video-pruning-rate must be in [0, 1), got {rate}")
+def make_context(
+    engine_config: EngineConfig, server_config: ServerConfig, llm: AsyncLLM | None = None
+) -> ServingContext:
+    """Build the engine (or take `llm`, built from `engine_config`) and what the handlers need."""
     if llm is None:
-        llm = AsyncLLM(LLMEngine(engine_config(args)))
-    limits = ServerLimits.from_args(args)
-    media_limits, media_policy = media_settings(limits)
-    name = getattr(args, "served_model_name", None) or args.model
+        llm = AsyncLLM(LLMEngine(engine_config))
+    name = server_config.served_model_name or engine_config.model
     defaults = generation_defaults(llm.engine.model_dir)
     if defaults:
         log.info("sampling defaults from generation_config.json: %s", defaults)
     test_hooks = os.environ.get(TEST_HOOKS_ENV) == "1"
     if test_hooks:
         log.warning("%s=1: requests may force the model's output (tests only)", TEST_HOOKS_ENV)
+    media = engine_config.media
     return ServingContext(
         llm=llm,
         served_model_name=name,
-        limits=limits,
-        metrics=ServerMetrics(name, engine_stats(llm.engine), llm.is_idle),
-        media_limits=media_limits,
-        media_policy=media_policy,
+        metrics=ServerMetrics(name, llm.engine.stats, llm.is_idle),
+        media_limits=server_config.media_limits,
+        media_policy=MediaPolicy.for_server(media.allowed_local_media_path, media.allow_private_media_urls),
+        max_request_bytes=server_config.max_request_bytes,
         test_hooks=test_hooks,
         sampling_defaults=defaults,
     )
 
 
-def serve(args: argparse.Namespace) -> int:
-    """Entry of `glimpse serve`: load the model, then answer HTTP until interrupted."""
+def build_server(
+    engine_config: EngineConfig, server_config: ServerConfig, llm: AsyncLLM | None = None
+) -> tuple[FastAPI, ServingContext]:
+    """The app and its context for a configuration: the engine is loaded (or `llm` taken) and running."""
+    ctx = make_context(engine_config, server_config, llm)
+    return build_app(ctx, api_key=server_config.api_key), ctx
+
+
+def run_server(engine_config: EngineConfig, server_config: ServerConfig, llm: AsyncLLM | None = None) -> None:
+    """Build the server and answer HTTP on `server_config.host:port` until interrupted."""
     import uvicorn
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("glimpse").setLevel(logging.INFO)
-    ctx = make_context(args)
-    app = build_app(ctx, api_key=getattr(args, "api_key", None))
-    host, port = getattr(args, "host", "127.0.0.1"), getattr(args, "port", 8000)
+    app, ctx = build_server(engine_config, server_config, llm)
+    host, port = server_config.host, server_config.port
     log.info(
         "serving %r (max_model_len %d) on http://%s:%d", ctx.served_model_name, ctx.max_model_len, host, port
     )
-    uvicorn.run(app, host=host, port=port, log_level=getattr(args, "uvicorn_log_level", "info"),
+    uvicorn.run(app, host=host, port=port, log_level=server_config.uvicorn_log_level,
                 timeout_graceful_shutdown=5)  # fmt: skip
-    return 0
 
 
-__all__ = ["build_app", "make_context", "serve", "error_response"]
+__all__ = ["build_app", "build_server", "run_server", "make_context", "error_response"]

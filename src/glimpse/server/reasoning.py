@@ -1,8 +1,9 @@
 """Split Nemotron output into reasoning and answer at `</think>` (MODEL_SPEC.md §6).
 
-The chat template's generation prompt decides where the output starts: `<think>\\n` means the model is
-already reasoning, `<think></think>` means reasoning is off and everything is the answer. A model may
-also open its output with `<think>` itself; that tag is dropped and reasoning begins.
+The chat template's generation prompt decides where the output starts (processing/reasoning.py:
+`<think>\\n` means the model is already reasoning, `<think></think>` means reasoning is off and everything
+is the answer). A model may also open its output with `<think>` itself; that tag is dropped and
+reasoning begins.
 
 Newlines are kept exactly as generated, as vLLM's DeepSeek-R1 parser does: the newline before
 `</think>` stays at the end of the reasoning and the blank line after it at the start of the content.
@@ -12,14 +13,7 @@ arrive in different chunks. Empty results are None, so `"</think>"` alone gives 
 
 from __future__ import annotations
 
-THINK_START = "<think>"
-THINK_END = "</think>"
-
-
-def prompt_ends_in_reasoning(prompt: str) -> bool:
-    """True when the prompt left a `<think>` open (the generation prompt started reasoning)."""
-    start = prompt.rfind(THINK_START)
-    return start != -1 and prompt.rfind(THINK_END) < start
+from glimpse.processing.reasoning import THINK_END, THINK_START, prompt_ends_in_reasoning
 
 
 def partial_tag_suffix(text: str, tag: str) -> int:

@@ -23,8 +23,8 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from glimpse.errors import GlimpseError, InvalidRequestError, MediaError
+from glimpse.inputs import ProcessedInput
 from glimpse.outputs import CompletionOutput, RequestOutput
-from glimpse.processing.inputs import ProcessedInput
 from glimpse.server.logprobs import chat_logprobs
 from glimpse.server.protocol import (
     ChatCompletionChoice,
@@ -238,7 +238,7 @@ class ChatHandler(ServingBase):
     # Input --------------------------------------------------------------------------------------------
     def check_media_counts(self, req: ChatCompletionRequest) -> dict[str, int]:
         counts = count_media(req)
-        limits = self.ctx.limits.limit_mm_per_prompt
+        limits = self.ctx.media_limits.limit_mm_per_prompt
         for kind, n in counts.items():
             allowed = limits.get(kind, 0)
             if n > allowed:
@@ -259,14 +259,11 @@ class ChatHandler(ServingBase):
             mm_processor_kwargs=req.mm_processor_kwargs,
             media_io_kwargs=req.media_io_kwargs,
             video_pruning_rate=req.video_pruning_rate,
+            media_limits=self.ctx.media_limits,
+            media_policy=self.ctx.media_policy,
         )
-        if self.ctx.media_limits is not None:
-            kwargs["media_limits"] = self.ctx.media_limits
-        if self.ctx.media_policy is not None:
-            kwargs["media_policy"] = self.ctx.media_policy
-        processor = self.ctx.llm.engine.processor
         try:
-            return await asyncio.to_thread(processor.from_messages, messages, **kwargs)
+            return await asyncio.to_thread(self.ctx.llm.process_chat, messages, **kwargs)
         except GlimpseError:
             raise
         except _MEDIA_FAILURES as e:

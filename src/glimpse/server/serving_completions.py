@@ -21,10 +21,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from glimpse.engine.async_llm import AsyncLLM
 from glimpse.errors import GlimpseError, InvalidRequestError, LimitExceededError, NotFoundError
+from glimpse.inputs import ProcessedInput
 from glimpse.outputs import CompletionOutput, RequestOutput
-from glimpse.processing.inputs import ProcessedInput
+from glimpse.processing.media import MediaLimits, MediaPolicy
 from glimpse.sampling_params import SamplingParams
-from glimpse.server.args import ServerLimits
 from glimpse.server.logprobs import completion_logprobs
 from glimpse.server.metrics import ServerMetrics
 from glimpse.server.protocol import (
@@ -66,10 +66,10 @@ class ServingContext:
 
     llm: AsyncLLM
     served_model_name: str
-    limits: ServerLimits
     metrics: ServerMetrics
-    media_limits: Any = None  # glimpse.processing.media.MediaLimits, when that module is present
-    media_policy: Any = None  # glimpse.processing.media.MediaPolicy
+    media_limits: MediaLimits = field(default_factory=MediaLimits)
+    media_policy: MediaPolicy = field(default_factory=MediaPolicy.for_server)
+    max_request_bytes: int = 268_435_456
     test_hooks: bool = False  # accept `glimpse_forced_output`
     sampling_defaults: dict[str, Any] = field(default_factory=dict)  # from generation_config.json
 
@@ -213,7 +213,7 @@ class ServingBase:
     async def read_body(self, request: Request) -> bytes:
         """The raw body, refused with 413 past --max-request-bytes: by Content-Length before reading a
         byte, and by counting while reading (chunked bodies have no length)."""
-        limit = self.ctx.limits.max_request_bytes
+        limit = self.ctx.max_request_bytes
         declared = request.headers.get("content-length")
         if declared is not None:
             try:
@@ -384,10 +384,9 @@ class CompletionsHandler(ServingBase):
         req = parse_request(CompletionRequest, body)
         self.check_model(req.model)
         forced = self.forced_output(body)
-        processor = self.ctx.llm.engine.processor
         inputs: list[ProcessedInput] = []
         for p in req.prompts():
-            inp = processor.from_prompt(p if isinstance(p, str) else {"prompt_token_ids": p})
+            inp = self.ctx.llm.process(p if isinstance(p, str) else {"prompt_token_ids": p})
             if not inp.prompt_token_ids:
                 raise InvalidRequestError("the prompt is empty", param="prompt")
             inputs.append(inp)
