@@ -44,8 +44,16 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def non_embedding_params(model: torch.nn.Module) -> int:
+    """Multiply-adds per token, as parameters: a quantised linear counts its logical in x out weights, not
+    its packed bytes and scales."""
     lm = getattr(model, "language_model", model)
-    return sum(p.numel() for p in lm.parameters()) - lm.backbone.embeddings.weight.numel()
+    total = 0
+    for module in lm.modules():
+        if hasattr(module, "in_features") and hasattr(module, "out_features"):
+            total += module.in_features * module.out_features
+        else:
+            total += sum(p.numel() for p in module.parameters(recurse=False))
+    return total - lm.backbone.embeddings.weight.numel()
 
 
 def decode_step_bytes(

@@ -37,6 +37,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-lens", type=_ints, default=[4096, 32768])
     p.add_argument("--prefill-chunk", type=int, default=None, help="max_num_batched_tokens for prefill")
     p.add_argument("--drift-steps", type=int, default=256)
+    p.add_argument("--quantization", default=None, choices=["fp8", "nvfp4"],
+                   help="with --random-weights: the language model's linears quantised as NVIDIA's published "
+                        "FP8 / NVFP4 checkpoints hold them (a checkpoint given by --model says its own)")  # fmt: skip
     add_flags(p, EngineConfig, only=("device", "dtype"))
     p.add_argument("--json", default="bench.json", help="where to write the results")
     _add_vision_args(p)
@@ -122,7 +125,7 @@ def _load(args, device: torch.device, dtype: torch.dtype, vl: bool = False):
 
     if args.random_weights:
         tokenizer = bench_tokenizer() if is_vl_preset(args.random_weights) else None
-        return random_model(args.random_weights, device, dtype), tokenizer
+        return random_model(args.random_weights, device, dtype, quantization=args.quantization), tokenizer
     from glimpse.model.loading import load_model, resolve_model_path
     from glimpse.processing.tokenizer import load_tokenizer
 
