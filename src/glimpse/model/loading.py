@@ -26,10 +26,13 @@ from glimpse.model.tiny import BUILTIN_MODELS, ensure_builtin
 from glimpse.model.vlm import NemotronVLModel
 
 
-def resolve_model_path(model: str | os.PathLike) -> Path:
+def resolve_model_path(
+    model: str | os.PathLike, *, revision: str | None = None, download_dir: str | None = None
+) -> Path:
     """A local directory, a built-in name (`tiny`, `tiny-vl`: made on first use under $GLIMPSE_CACHE),
-    or a hub id (downloaded when online)."""
-    return find_checkpoint(model, dict.fromkeys(BUILTIN_MODELS, ensure_builtin))
+    or a hub id (downloaded when online, at `revision` into `download_dir` when given)."""
+    builtin = dict.fromkeys(BUILTIN_MODELS, ensure_builtin)
+    return find_checkpoint(model, builtin, revision=revision, download_dir=download_dir)
 
 
 def load_model(model_dir: Path, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
