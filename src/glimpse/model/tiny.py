@@ -203,9 +203,15 @@ def make_tiny(
     name_prefix: Literal["backbone", "model"] = "backbone",
     shards: int = 1,
 ) -> Path:
-    """Write a tiny checkpoint. Text: NemotronHForCausalLM layout. VL: NemotronH_Nano_VL_V2 layout."""
+    """Write a tiny checkpoint. Text: NemotronHForCausalLM layout. VL: NemotronH_Nano_VL_V2 layout.
+    A ValueError, before anything is written, when `out_dir` can't be made a directory (a file there)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"cannot write a checkpoint into {str(out)!r}: a file is in the way") from None
+    except OSError as e:
+        raise ValueError(f"cannot write a checkpoint into {str(out)!r}: {e.strerror}") from None
     tokenizer = build_tokenizer()
     vocab = (len(tokenizer) + 63) // 64 * 64
     config: NemotronHConfig | VLConfig
