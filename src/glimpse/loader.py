@@ -26,10 +26,14 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py
 
 
 def find_checkpoint(
-    model: str | os.PathLike, builtin_models: Mapping[str, Callable[[str], Path]] | None = None
+    model: str | os.PathLike,
+    builtin_models: Mapping[str, Callable[[str], Path]] | None = None,
+    *,
+    revision: str | None = None,
+    download_dir: str | None = None,
 ) -> Path:
     """A local directory, a name in `builtin_models` (whose maker returns its directory), or a hub id
-    (downloaded when online), in that order."""
+    (downloaded when online, at `revision` into `download_dir` when given), in that order."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
@@ -43,7 +47,9 @@ def find_checkpoint(
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name, allow_patterns=_HUB_PATTERNS))
+        return Path(
+            snapshot_download(name, allow_patterns=_HUB_PATTERNS, revision=revision, cache_dir=download_dir)
+        )
     except Exception as e:  # offline, unknown repo, gated, ...: one clear message
         raise CheckpointError(
             f"could not get {name!r} from the Hugging Face hub ({type(e).__name__}: {e}). Offline? Download it "

@@ -50,9 +50,15 @@ class LLMEngine:
         self.ssm_dtype = DTYPES[cfg.cache.mamba_ssm_cache_dtype]
         torch.manual_seed(cfg.seed)
         if model is None:
-            self.model_dir: Path | None = resolve_model_path(cfg.model)
+            self.model_dir: Path | None = resolve_model_path(
+                cfg.model, revision=cfg.revision, download_dir=cfg.download_dir
+            )
+            # The tokenizer first: a bad --tokenizer or --chat-template fails before the model loads.
+            tokenizer_dir = self.model_dir
+            if cfg.tokenizer:
+                tokenizer_dir = resolve_model_path(cfg.tokenizer, download_dir=cfg.download_dir)
+            self.tokenizer = load_tokenizer(tokenizer_dir, cfg.chat_template)
             self.model = load_model(self.model_dir, self.device, self.dtype)
-            self.tokenizer = load_tokenizer(self.model_dir)
             config_eos = self.model.llm_config.eos_token_ids
             self.eos_token_ids = end_of_sequence_ids(self.model_dir, self.tokenizer, config_eos)
         else:

@@ -37,10 +37,13 @@ from glimpse.quantization import QuantConfig, read_quant_config, resolve_quantiz
 log = logging.getLogger(__name__)
 
 
-def resolve_model_path(model: str | os.PathLike) -> Path:
+def resolve_model_path(
+    model: str | os.PathLike, *, revision: str | None = None, download_dir: str | None = None
+) -> Path:
     """A local directory, a built-in name (`tiny`, `tiny-vl`: made on first use under $GLIMPSE_CACHE),
-    or a hub id (downloaded when online)."""
-    return find_checkpoint(model, dict.fromkeys(BUILTIN_MODELS, ensure_builtin))
+    or a hub id (downloaded when online, at `revision` into `download_dir` when given)."""
+    builtin = dict.fromkeys(BUILTIN_MODELS, ensure_builtin)
+    return find_checkpoint(model, builtin, revision=revision, download_dir=download_dir)
 
 
 def load_model(

@@ -275,9 +275,15 @@ def make_tiny(
     `quantization` (`fp8`, `nvfp4`) writes a modelopt checkpoint of the same weights (the same seed's
     bf16 checkpoint is its twin): the language model's linear layers quantised, everything the published
     exclusion list names (vision tower, mlp1, conv1d, lm_head) and embeddings and norms as before, and
-    `hf_quant_config.json`."""
+    `hf_quant_config.json`.
+    A ValueError, before anything is written, when `out_dir` can't be made a directory (a file there)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"cannot write a checkpoint into {str(out)!r}: a file is in the way") from None
+    except OSError as e:
+        raise ValueError(f"cannot write a checkpoint into {str(out)!r}: {e.strerror}") from None
     tokenizer = build_tokenizer()
     vocab = (len(tokenizer) + 63) // 64 * 64
     quant = published_quant_config(quantization) if quantization else None

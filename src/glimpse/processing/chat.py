@@ -1,4 +1,5 @@
-"""OpenAI-style messages -> the prompt text, through the checkpoint's own chat template.
+"""OpenAI-style messages -> the prompt text, through the checkpoint's own chat template (or the one
+--chat-template gives: `read_chat_template`).
 
 Content given as a list of parts is flattened to a string first (the model's template takes strings):
 text parts are joined, and each media part becomes the placeholder its processor expands later.
@@ -7,12 +8,27 @@ text parts are joined, and each media part becomes the placeholder its processor
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from glimpse.errors import InvalidRequestError
 
 MediaHook = Callable[[dict[str, Any]], str]  # a media content part -> its placeholder text
 ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+def read_chat_template(template: str) -> str:
+    """`--chat-template`'s value as template text: a file's contents, or the value itself when it is Jinja
+    text (it has `{`); anything else is a ValueError naming it, so a mistyped path is never a template."""
+    path = Path(template).expanduser()
+    if path.is_file():
+        try:
+            return path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read the chat template {str(path)!r}: {e}") from None
+    if "{" in template:
+        return template
+    raise ValueError(f"the chat template {template!r} is neither a readable file nor Jinja text")
 
 
 def _flatten(content: Any, on_media: MediaHook | None, where: str) -> str:

@@ -49,12 +49,17 @@ DEFAULT_LIMIT_MM_PER_PROMPT = {"image": 16, "video": 2, "file": 4}
 
 
 def parse_limit_mm_per_prompt(text: str) -> dict[str, int]:
-    """`'{"image": 4}'` (a flag's JSON): kinds not named keep their defaults."""
+    """`'{"image": 4}'` (a flag's JSON) or `image=4,video=1` (vLLM's other form): kinds not named keep
+    their defaults."""
     try:
-        given = json.loads(text)
+        if "=" in text and not text.lstrip().startswith("{"):
+            given = {kind.strip(): int(n) for kind, n in (pair.split("=") for pair in text.split(","))}
+        else:
+            given = json.loads(text)
     except ValueError:
         raise ValueError(
-            f"limit_mm_per_prompt must be a JSON object like '{json.dumps(DEFAULT_LIMIT_MM_PER_PROMPT)}'"
+            f"limit_mm_per_prompt must be a JSON object like '{json.dumps(DEFAULT_LIMIT_MM_PER_PROMPT)}' "
+            "or KIND=N pairs like 'image=4,video=1'"
         ) from None
     if not isinstance(given, dict):
         raise ValueError("limit_mm_per_prompt must be a JSON object")
@@ -74,8 +79,8 @@ class MediaLimits:
 
     limit_mm_per_prompt: dict[str, int] = setting(
         default_factory=lambda: dict(DEFAULT_LIMIT_MM_PER_PROMPT),
-        help='media items per request, e.g. \'{"image": 16, "video": 2, "file": 4}\' (kinds left out keep '
-        "their defaults; PDF pages do not count as images)",
+        help='media items per request, e.g. \'{"image": 16, "video": 2, "file": 4}\' or image=16,video=2 '
+        "(kinds left out keep their defaults; PDF pages do not count as images)",
         rule=Rule(f"a map from {', '.join(MEDIA_KINDS)} to an integer >= 0", _counts_per_kind),
         parse=parse_limit_mm_per_prompt, metavar="JSON",
     )  # fmt: skip

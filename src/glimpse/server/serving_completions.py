@@ -25,6 +25,7 @@ from glimpse.inputs import ProcessedInput
 from glimpse.outputs import CompletionOutput, RequestOutput
 from glimpse.processing.media import MediaLimits, MediaPolicy
 from glimpse.sampling_params import SamplingParams
+from glimpse.server.config import check_logprobs
 from glimpse.server.logprobs import completion_logprobs
 from glimpse.server.metrics import ServerMetrics
 from glimpse.server.protocol import (
@@ -65,13 +66,19 @@ class ServingContext:
     """What every handler needs: the engine, the served name, the limits and the media settings."""
 
     llm: AsyncLLM
-    served_model_name: str
+    served_model_name: str  # the name answers carry
     metrics: ServerMetrics
+    aliases: tuple[str, ...] = ()  # more names requests may use (`--served-model-name a b`: b)
     media_limits: MediaLimits = field(default_factory=MediaLimits)
     media_policy: MediaPolicy = field(default_factory=MediaPolicy.for_server)
     max_request_bytes: int = 268_435_456
+    max_logprobs: int = 20
     test_hooks: bool = False  # accept `glimpse_forced_output`
     sampling_defaults: dict[str, Any] = field(default_factory=dict)  # from generation_config.json
+
+    @property
+    def served_model_names(self) -> list[str]:
+        return [self.served_model_name, *self.aliases]
 
     @property
     def max_model_len(self) -> int:
@@ -238,11 +245,11 @@ class ServingBase:
         return b"".join(chunks)
 
     def check_model(self, name: str | None) -> None:
-        """404 unless the request names the served model (or names none)."""
-        if name is not None and name != self.ctx.served_model_name:
+        """404 unless the request names a served model (or names none)."""
+        if name is not None and name not in self.ctx.served_model_names:
+            served = ", ".join(map(repr, self.ctx.served_model_names))
             raise NotFoundError(
-                f"the model {name!r} does not exist; this server serves {self.ctx.served_model_name!r}",
-                param="model",
+                f"the model {name!r} does not exist; this server serves {served}", param="model"
             )
 
     def forced_output(self, body: bytes) -> list[int] | None:
@@ -280,6 +287,8 @@ class ServingBase:
         params = to_sampling_params(
             req, default_max_tokens=self.ctx.max_model_len - n_prompt, defaults=self.ctx.sampling_defaults
         )
+        logprobs_param = "top_logprobs" if param == "messages" else "logprobs"
+        check_logprobs(params.logprobs, self.ctx.max_logprobs, logprobs_param)
         if forced is not None:
             params.forced_token_ids = forced
         return params
