@@ -50,6 +50,7 @@ from glimpse.server.serving_completions import (
     InternalServerError,
     ServingContext,
 )
+from glimpse.server.serving_tokens import TokensHandler
 
 log = logging.getLogger("glimpse.server")
 
@@ -197,6 +198,7 @@ def build_app(ctx: ServingContext, api_key: str | None = None) -> FastAPI:
         return JSONResponse(ModelList(data=[card]).model_dump())
 
     app.include_router(v1)
+    app.include_router(TokensHandler(ctx).router(_guarded, Depends(require_api_key)))
 
     @app.get("/health")
     async def health() -> JSONResponse:
