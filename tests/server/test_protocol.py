@@ -329,6 +329,15 @@ def test_completion_mapping():
     assert to_sampling_params(completion(logprobs=3), default_max_tokens=5).max_tokens == 5
 
 
+def test_echo_with_logprobs_and_max_tokens_zero():
+    """[G8] echo with logprobs is accepted (the prompt's logprobs are computed); max_tokens 0 is allowed
+    with echo only, and the engine then draws one token that is not returned."""
+    req = completion(echo=True, logprobs=2, max_tokens=0)
+    assert req.echo_only and to_sampling_params(req, 200).max_tokens == 1
+    assert not completion(echo=True, logprobs=2).echo_only
+    assert bad(completion, max_tokens=0).param == "max_tokens"
+
+
 @pytest.mark.parametrize(
     ("prompt", "expected"),
     [
@@ -467,7 +476,6 @@ def test_error_messages_say_what_is_allowed():
     ("fields", "param"),
     [
         ({"suffix": "end"}, "suffix"),
-        ({"echo": True, "logprobs": 1}, "echo"),
         ({"prompt": []}, "prompt"),
         ({"prompt": [[1], []]}, "prompt"),
         ({"prompt": [1, "a"]}, "prompt.0"),

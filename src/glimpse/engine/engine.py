@@ -165,6 +165,8 @@ class LLMEngine:
             request_id, prompt, list(prompt_token_ids), params, next(self._arrivals),
             media_spans=media_spans or [], media_info=media_info or [], video_tokens=video_tokens,
         )  # fmt: skip
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]  # nothing scores the first token
         grammar = (
             self.structured.compile(params) if (params.json_schema is not None or params.regex) else None
         )
@@ -196,6 +198,7 @@ class LLMEngine:
                 )  # fmt: skip
             if params.logprobs is not None:
                 seq.logprobs = []
+                seq.token_texts = [] if params.detokenize else None
             if grammar is not None:
                 seq.grammar, seq.grammar_waits = grammar.matcher(), waits
             req.sequences.append(seq)
@@ -240,7 +243,9 @@ class LLMEngine:
                 return outputs
         else:
             outputs = []
-        seqs, sampled = self.runner.execute(sched)
+        seqs, sampled, prompt_scores = self.runner.execute(sched)
+        for scores in prompt_scores:
+            self.outputs.add_prompt_logprobs(scores.seq.request, scores.entries)
         for chunk in sched.chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
             self.cache.on_computed(chunk.seq)

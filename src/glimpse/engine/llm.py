@@ -72,6 +72,7 @@ class LLM:
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         *,
         tools: list[dict[str, Any]] | None = None,
+        chat_template: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
         mm_processor_kwargs: dict[str, Any] | None = None,
         media_io_kwargs: dict[str, Any] | None = None,
@@ -83,6 +84,7 @@ class LLM:
             self.processor.from_messages(
                 conv,
                 tools=tools,
+                chat_template=chat_template,
                 chat_template_kwargs=chat_template_kwargs,
                 mm_processor_kwargs=mm_processor_kwargs,
                 media_io_kwargs=media_io_kwargs,

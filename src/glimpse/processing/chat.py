@@ -78,14 +78,22 @@ def render_chat(
     *,
     tools: list[dict[str, Any]] | None = None,
     add_generation_prompt: bool = True,
+    chat_template: str | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
     on_media: MediaHook | None = None,
 ) -> str:
+    """The prompt text for `messages`: through `chat_template` (Jinja source) when given, else the
+    tokenizer's own template; `chat_template_kwargs` are extra variables for the template."""
     msgs = normalise_messages(messages, on_media)
     kwargs = dict(chat_template_kwargs or {})
+    if chat_template is not None:
+        kwargs["chat_template"] = chat_template
     try:
-        return tokenizer.apply_chat_template(
+        text = tokenizer.apply_chat_template(
             msgs, tools=tools or None, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs
         )
     except Exception as e:  # a template error is the request's fault (odd messages), not the server's
         raise InvalidRequestError(f"the chat template could not render these messages: {e}") from None
+    if not isinstance(text, str):  # chat_template_kwargs may ask apply_chat_template for something else
+        raise InvalidRequestError("the chat template did not render to text", param="chat_template_kwargs")
+    return text

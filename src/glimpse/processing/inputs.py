@@ -65,6 +65,8 @@ class InputProcessor:
         messages: list[dict[str, Any]],
         *,
         tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
         mm_processor_kwargs: dict[str, Any] | None = None,
         media_io_kwargs: dict[str, Any] | None = None,
@@ -76,8 +78,14 @@ class InputProcessor:
             builder = self._media_builder(
                 mm_processor_kwargs, media_io_kwargs, video_pruning_rate, media_limits, media_policy
             )
-            return chat_with_media(builder, messages, tools=tools, chat_template_kwargs=chat_template_kwargs)
-        text = render_chat(self.tokenizer, messages, tools=tools, chat_template_kwargs=chat_template_kwargs)
+            return chat_with_media(
+                builder, messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                chat_template=chat_template, chat_template_kwargs=chat_template_kwargs,
+            )  # fmt: skip
+        text = render_chat(
+            self.tokenizer, messages, tools=tools, add_generation_prompt=add_generation_prompt,
+            chat_template=chat_template, chat_template_kwargs=chat_template_kwargs,
+        )  # fmt: skip
         return ProcessedInput(text, self.tokenizer.encode(text, add_special_tokens=False))
 
     def _multimodal_prompt(self, prompt: dict[str, Any]) -> ProcessedInput:

@@ -303,6 +303,8 @@ def chat_with_media(
     messages: list[dict[str, Any]],
     *,
     tools: list[dict[str, Any]] | None = None,
+    add_generation_prompt: bool = True,
+    chat_template: str | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
 ) -> ProcessedInput:
     """OpenAI messages whose content parts may hold images, videos and PDFs."""
@@ -310,6 +312,8 @@ def chat_with_media(
         builder.tok,
         messages,
         tools=tools,
+        add_generation_prompt=add_generation_prompt,
+        chat_template=chat_template,
         chat_template_kwargs=chat_template_kwargs,
         on_media=builder.add_part,
     )

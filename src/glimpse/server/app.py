@@ -56,6 +56,7 @@ from glimpse.server.serving_completions import (
     InternalServerError,
     ServingContext,
 )
+from glimpse.server.serving_tokens import TokensHandler
 from glimpse.server.startup import prepare_to_serve
 from glimpse.version import __version__
 
@@ -214,6 +215,7 @@ def build_app(ctx: ServingContext, api_key: str | None = None) -> FastAPI:
         return JSONResponse(card(model_id).model_dump())
 
     app.include_router(v1)
+    app.include_router(TokensHandler(ctx).router(_guarded, Depends(require_api_key)))
 
     @app.get("/health")
     async def health() -> JSONResponse:

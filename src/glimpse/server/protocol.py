@@ -428,7 +428,9 @@ class ChatCompletionRequest(_SamplingRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: Bool | None = None
     # vLLM extras for the chat template and media
+    chat_template: str | None = None  # a Jinja template used instead of the model's, for this request
     chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: Bool = True
     mm_processor_kwargs: dict[str, Any] | None = None
     media_io_kwargs: dict[str, dict[str, Any]] | None = None
     video_pruning_rate: Float | None = Field(default=None, ge=0, lt=1)
@@ -464,7 +466,7 @@ TokenIds = list[Annotated[Int, Field(ge=0)]]
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | TokenIds | list[TokenIds]
-    max_tokens: Int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    max_tokens: Int | None = Field(default=16, ge=0)  # OpenAI's default; 0 only with echo (the prompt alone)
     logprobs: Int | None = Field(default=None, ge=0, le=20)
     echo: Bool | None = False
     suffix: str | None = None
@@ -480,16 +482,18 @@ class CompletionRequest(_SamplingRequest):
             raise InvalidRequestError("prompt must not be an empty list", param="prompt")
         if self.best_of is not None and self.best_of > (self.n or 1):
             raise InvalidRequestError("best_of larger than n is not supported", param="best_of")
-        if self.echo and self.logprobs is not None:
-            raise InvalidRequestError(
-                "echo with logprobs is not supported (prompt log-probabilities are not computed)",
-                param="echo",
-            )
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequestError("max_tokens must be at least 1 (0 only with echo)", param="max_tokens")
         return self
 
     @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: the answer is the prompt (and its logprobs), nothing generated."""
+        return bool(self.echo) and self.max_tokens == 0
+
+    @property
     def requested_max_tokens(self) -> int | None:
-        return self.max_tokens
+        return 1 if self.echo_only else self.max_tokens  # the engine draws a token that is not returned
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts in order: one text or one list of token ids each (a batch gives several)."""

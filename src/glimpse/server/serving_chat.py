@@ -255,6 +255,8 @@ class ChatHandler(ServingBase):
         tools = [t.model_dump(exclude_none=True, by_alias=True) for t in req.tools or []]
         kwargs: dict[str, Any] = dict(
             tools=tools if req.tools_enabled else None,
+            add_generation_prompt=req.add_generation_prompt,
+            chat_template=req.chat_template,
             chat_template_kwargs=req.chat_template_kwargs,
             mm_processor_kwargs=req.mm_processor_kwargs,
             media_io_kwargs=req.media_io_kwargs,
@@ -283,7 +285,9 @@ class ChatHandler(ServingBase):
             content, calls = None, found
         logprobs = None
         if req.logprobs:
-            logprobs = chat_logprobs(c.token_ids, logprob_steps(c), req.top_logprobs or 0)
+            logprobs = chat_logprobs(
+                c.token_ids, logprob_steps(c), req.top_logprobs or 0, self.ctx.token_bytes
+            )
         return ChatCompletionChoice(
             index=c.index,
             message=ChatCompletionMessage(
@@ -333,7 +337,7 @@ class ChatHandler(ServingBase):
                 logprobs = None
                 if req.logprobs and new_ids:
                     steps = logprob_steps(c)[st.sent_tokens :]
-                    logprobs = chat_logprobs(new_ids, steps, req.top_logprobs or 0)
+                    logprobs = chat_logprobs(new_ids, steps, req.top_logprobs or 0, self.ctx.token_bytes)
                 st.sent_text, st.sent_tokens = len(c.text), len(c.token_ids)
                 if c.finish_reason is not None:
                     deltas += st.finish()

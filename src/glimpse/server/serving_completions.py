@@ -13,7 +13,8 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -26,11 +27,12 @@ from glimpse.outputs import CompletionOutput, RequestOutput
 from glimpse.processing.media import MediaLimits, MediaPolicy
 from glimpse.sampling_params import SamplingParams
 from glimpse.server.config import check_logprobs
-from glimpse.server.logprobs import completion_logprobs
+from glimpse.server.logprobs import TokenBytes, completion_logprobs, text_pieces
 from glimpse.server.metrics import ServerMetrics
 from glimpse.server.protocol import (
     CompletionChoice,
     CompletionChunk,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
@@ -87,6 +89,11 @@ class ServingContext:
     @property
     def tokenizer(self):
         return self.llm.engine.tokenizer
+
+    @cached_property
+    def token_bytes(self) -> TokenBytes:
+        """Each token's own bytes (chat logprobs report them)."""
+        return TokenBytes(self.tokenizer)
 
 
 # Characters JSON leaves raw that many line readers (Python's str.splitlines, httpx's aiter_lines) treat as
@@ -384,6 +391,15 @@ async def first_and_rest(
     return first, chained()
 
 
+@dataclass
+class Echo:
+    """What an echoing request puts before each choice of one prompt: the prompt's text and, with
+    logprobs, each prompt token's piece of it."""
+
+    text: str = ""
+    pieces: list[str] | None = None
+
+
 class CompletionsHandler(ServingBase):
     """POST /v1/completions: one prompt or a batch (strings or token ids), n choices each."""
 
@@ -400,11 +416,13 @@ class CompletionsHandler(ServingBase):
                 raise InvalidRequestError("the prompt is empty", param="prompt")
             inputs.append(inp)
         params = [self.sampling_params(req, inp, forced, "prompt") for inp in inputs]
+        if req.echo and req.logprobs is not None:  # as vLLM: echoed prompts come with their logprobs
+            params = [replace(p, prompt_logprobs=req.logprobs) for p in params]
+        echo = await asyncio.to_thread(self._echoes, req, inputs)
         request_id = random_id("cmpl")
         gens = self.generators(inputs, params, request_id)
         trackers = [RequestTracker(self.ctx.metrics, arrival) for _ in gens]
         n = params[0].n
-        echo = [self._echo_text(inp) if req.echo else "" for inp in inputs]
         if req.stream:
             _, events = await first_and_rest(merge_streams(gens), request, self)
             stream = self._stream(req, request_id, events, trackers, n, echo)
@@ -419,25 +437,72 @@ class CompletionsHandler(ServingBase):
             for c in out.outputs:
                 logprobs = None
                 if req.logprobs is not None:
-                    logprobs = completion_logprobs(c.token_ids, logprob_steps(c), req.logprobs, len(echo[i]))
+                    logprobs = self._logprobs(
+                        req, out, c, 0, len(echo[i].text), echo[i] if req.echo else None
+                    )
                 choices.append(
                     CompletionChoice(
                         index=i * n + c.index,
-                        text=echo[i] + c.text,
+                        text=echo[i].text + ("" if req.echo_only else c.text),
                         logprobs=logprobs,
                         finish_reason=c.finish_reason,
                         stop_reason=c.stop_reason,
                     )
                 )
         resp = CompletionResponse(
-            id=request_id, model=self.ctx.served_model_name, choices=choices, usage=usage_of(finals)
+            id=request_id, model=self.ctx.served_model_name, choices=choices, usage=self._usage(req, finals)
         )
         return json_response(resp)
 
-    def _echo_text(self, inp: ProcessedInput) -> str:
-        if inp.prompt is not None:
-            return inp.prompt
-        return self.ctx.tokenizer.decode(inp.prompt_token_ids)
+    @staticmethod
+    def _usage(req: CompletionRequest, outs: Sequence[RequestOutput]) -> Usage:
+        usage = usage_of(outs)
+        if req.echo_only:  # the engine drew a token per choice to finish the prompt; none is returned
+            usage = usage.model_copy(update={"completion_tokens": 0, "total_tokens": usage.prompt_tokens})
+        return usage
+
+    def _echoes(self, req: CompletionRequest, inputs: Sequence[ProcessedInput]) -> list[Echo]:
+        """Each prompt's echo (blocking work for long prompts: off the event loop). A prompt given as
+        text is echoed as given (as vLLM), one given as token ids as their decode."""
+        if not req.echo:
+            return [Echo() for _ in inputs]
+        echoes = []
+        for inp in inputs:
+            pieces = None
+            if req.logprobs is not None:
+                pieces = text_pieces(self.ctx.tokenizer, inp.prompt_token_ids)
+            text = inp.prompt
+            if text is None:
+                text = (
+                    "".join(pieces) if pieces is not None else self.ctx.tokenizer.decode(inp.prompt_token_ids)
+                )
+            echoes.append(Echo(text, pieces))
+        return echoes
+
+    @staticmethod
+    def _logprobs(
+        req: CompletionRequest,
+        out: RequestOutput,
+        c: CompletionOutput,
+        tok_start: int,
+        text_offset: int,
+        echo: Echo | None,
+    ) -> CompletionLogprobs:
+        """Completions logprobs of the choice's tokens from `tok_start` on, at `text_offset` in its text;
+        with `echo`, the prompt's tokens and their logprobs come first, from offset 0."""
+        end = tok_start if req.echo_only else len(c.token_ids)
+        ids = c.token_ids[tok_start:end]
+        steps = logprob_steps(c)[tok_start:end]
+        texts = c.token_texts[tok_start:end] if c.token_texts is not None else None
+        if echo is None:
+            return completion_logprobs(ids, steps, req.logprobs, text_offset, texts)
+        prompt_steps = list(out.prompt_logprobs or [])  # complete unless the request ended mid-prompt
+        prompt_steps += [None] * (len(out.prompt_token_ids) - len(prompt_steps))
+        if texts is not None and echo.pieces is not None:
+            texts = [*echo.pieces, *texts]
+        return completion_logprobs(
+            [*out.prompt_token_ids, *ids], [*prompt_steps, *steps], req.logprobs, 0, texts
+        )
 
     async def _stream(
         self,
@@ -446,7 +511,7 @@ class CompletionsHandler(ServingBase):
         events: AsyncIterator[tuple[int, RequestOutput]],
         trackers: Sequence[RequestTracker],
         n: int,
-        echo: list[str],
+        echo: list[Echo],
     ) -> AsyncIterator[str]:
         model = self.ctx.served_model_name
         created = int(time.time())
@@ -462,13 +527,14 @@ class CompletionsHandler(ServingBase):
                 index = i * n + c.index
                 if index in done:
                     continue
-                prefix = echo[i] if index not in sent_text else ""
+                first = index not in sent_text
+                prefix = echo[i].text if first else ""
                 start, tok_start = sent_text.get(index, 0), sent_tokens.get(index, 0)
-                text, new_ids = c.text[start:], c.token_ids[tok_start:]
+                text, new_ids = ("", []) if req.echo_only else (c.text[start:], c.token_ids[tok_start:])
                 logprobs = None
-                if req.logprobs is not None and new_ids:
-                    steps = logprob_steps(c)[tok_start:]
-                    logprobs = completion_logprobs(new_ids, steps, req.logprobs, len(echo[i]) + start)
+                if req.logprobs is not None and (new_ids or prefix):
+                    offset = len(echo[i].text) + start
+                    logprobs = self._logprobs(req, out, c, tok_start, offset, echo[i] if prefix else None)
                 sent_text[index], sent_tokens[index] = len(c.text), len(c.token_ids)
                 if c.finish_reason is not None:
                     done.add(index)
@@ -481,14 +547,14 @@ class CompletionsHandler(ServingBase):
                     finish_reason=c.finish_reason,
                     stop_reason=c.stop_reason,
                 )
-                usage = usage_of([finals[k] for k in sorted(finals)]) if continuous else None
+                usage = self._usage(req, [finals[k] for k in sorted(finals)]) if continuous else None
                 yield sse(
                     CompletionChunk(
                         id=request_id, created=created, model=model, choices=[choice], usage=usage
                     )
                 )
         if req.include_usage:
-            usage = usage_of([finals[i] for i in sorted(finals)])
+            usage = self._usage(req, [finals[i] for i in sorted(finals)])
             yield sse(CompletionChunk(id=request_id, created=created, model=model, usage=usage))
         yield sse("[DONE]")
 
