@@ -70,7 +70,7 @@ class FakeLLM:
     def process(self, prompt) -> ProcessedInput:
         return self.processor.from_prompt(prompt)
 
-    def process_chat(self, messages, **kwargs) -> ProcessedInput:
+    async def process_chat(self, messages, **kwargs) -> ProcessedInput:
         return self.processor.from_messages(messages, **kwargs)
 
     def shutdown(self) -> None:

@@ -33,6 +33,7 @@ def input_processor(engine: LLMEngine, encoder: VisionEncoder | None = None) -> 
             allowed_local_media_path=cfg.media.allowed_local_media_path,
             allow_private_urls=cfg.media.allow_private_media_urls,
         ),
+        context_tokens=engine.max_model_len,
     )
 
 

@@ -12,7 +12,6 @@ non-streamed one.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -208,7 +207,8 @@ class ChatHandler(ServingBase):
         self.check_model(req.model)
         counts = self.check_media_counts(req)
         forced = self.forced_output(body)
-        inp = await self.process(req, has_media=any(counts.values()))
+        # a client that gives up while its media is fetched or decoded cancels that work
+        inp = await self.until_disconnected(request, self.process(req, has_media=any(counts.values())))
         params = self.sampling_params(req, inp, forced, "messages")
         if (schema := forced_tool_schema(req)) is not None:
             if params.json_schema is not None or params.regex is not None:
@@ -250,7 +250,7 @@ class ChatHandler(ServingBase):
         return counts
 
     async def process(self, req: ChatCompletionRequest, has_media: bool) -> ProcessedInput:
-        """Render the chat template and load the media (blocking work: off the event loop)."""
+        """Render the chat template and load the media, off the event loop (the media in the media pool)."""
         messages = [m.model_dump(exclude_none=True, by_alias=True) for m in req.messages]
         tools = [t.model_dump(exclude_none=True, by_alias=True) for t in req.tools or []]
         kwargs: dict[str, Any] = dict(
@@ -265,7 +265,7 @@ class ChatHandler(ServingBase):
             media_policy=self.ctx.media_policy,
         )
         try:
-            return await asyncio.to_thread(self.ctx.llm.process_chat, messages, **kwargs)
+            return await self.ctx.llm.process_chat(messages, **kwargs)
         except GlimpseError:
             raise
         except _MEDIA_FAILURES as e:
