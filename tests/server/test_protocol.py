@@ -208,6 +208,9 @@ def test_assistant_arguments_given_as_object_become_a_string():
 def test_unknown_fields_are_ignored():
     req = chat(store=True, metadata={"a": "b"}, reasoning_effort="low", service_tier="auto")
     assert not hasattr(req, "store")
+    # ... but named, so the server can warn about them.
+    assert set(req.unknown_fields) == {"store", "metadata", "reasoning_effort", "service_tier"}
+    assert "store" not in req.model_dump() and chat().unknown_fields == {}
 
 
 # ---------------------------------------------------------------- to_sampling_params
@@ -232,11 +235,19 @@ def test_max_completion_tokens_is_an_alias_of_max_tokens():
     assert to_sampling_params(chat(max_tokens=30, max_completion_tokens=40)).max_tokens == 40
 
 
-def test_max_tokens_capped_by_room_in_context_and_server_default():
+def test_max_tokens_checked_against_room_in_context_and_default_capped():
     assert to_sampling_params(chat(), default_max_tokens=100).max_tokens == 100
-    assert to_sampling_params(chat(max_tokens=500), default_max_tokens=100).max_tokens == 100
     assert to_sampling_params(chat(max_tokens=50), default_max_tokens=100).max_tokens == 50
+    assert to_sampling_params(chat(max_tokens=100), default_max_tokens=100).max_tokens == 100
     assert to_sampling_params(chat(), 100, defaults={"max_tokens": 64}).max_tokens == 64
+    # As vLLM: a length the client asked for that does not fit is a 400 naming the field and the context.
+    err = bad(to_sampling_params, chat(max_tokens=500), default_max_tokens=100, max_model_len=1000)
+    assert err.param == "max_tokens" and "500" in err.message and "1000" in err.message
+    err = bad(to_sampling_params, chat(max_completion_tokens=101), default_max_tokens=100)
+    assert err.param == "max_completion_tokens"
+    assert bad(to_sampling_params, completion(max_tokens=17), default_max_tokens=16).param == "max_tokens"
+    # Completions' default of 16 was not asked for: it is capped.
+    assert to_sampling_params(completion(), default_max_tokens=5).max_tokens == 5
     err = bad(to_sampling_params, chat(), 0)
     assert err.param == "messages"
     assert bad(to_sampling_params, completion(), 0).param == "prompt"
@@ -294,11 +305,6 @@ def test_chat_logprobs_map_to_top_k():
     [
         ({"response_format": {"type": "text"}}, None, None),
         ({"response_format": {"type": "json_object"}}, {"type": "object"}, None),
-        (
-            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
-            {"type": "object"},
-            None,
-        ),
         ({"structured_outputs": {"regex": "[0-9]+"}}, None, "[0-9]+"),
         ({"structured_outputs": {"json": {"type": "integer"}}}, {"type": "integer"}, None),
         ({"structured_outputs": {"json": '{"type": "string"}'}}, {"type": "string"}, None),
@@ -393,6 +399,15 @@ def test_completion_prompt_forms(prompt, expected):
             "tool_choice",
         ),
         ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+        ({"presence_penalty": -float("inf")}, "presence_penalty"),
+        ({"video_pruning_rate": float("nan")}, "video_pruning_rate"),
+        ({"structured_outputs": {"json": {"maximum": float("inf")}}}, "structured_outputs.json"),
+        ({"chat_template_kwargs": {"x": [1, float("nan")]}}, "chat_template_kwargs"),
+        ({"media_io_kwargs": {"video": {"fps": float("inf")}}}, "media_io_kwargs.video"),
         ({"response_format": {"type": "xml"}}, "response_format.type"),
         (
             {"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},

@@ -6,8 +6,10 @@
 /docs is off: its page would load Swagger UI from a CDN, which an offline or locked-down server can't
 reach and should not point browsers at; /openapi.json is the same description, for any viewer.
 
-Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}` with the status API.md gives;
-bad input is never a 5xx, and a bug in one request is a logged 500 that leaves the server serving.
+Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}` with the status API.md gives,
+and leaves a log line with the reason the client was given; bad input is never a 5xx, and a bug in one
+request is a logged 500 (with its traceback) that leaves the server serving. A client that hangs up,
+even halfway through sending its body, is no error: it gets a quiet 499 nobody reads.
 `build_app` makes the FastAPI app around a running `AsyncLLM` (tests use it); `build_server` makes the
 app, engine included, from an `EngineConfig` and a `ServerConfig` (embedders and the online benchmark use
 it), with CORS as the config allows; `run_server` checks what it can before loading the model (the
@@ -31,6 +33,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from glimpse.engine.async_llm import AsyncLLM
 from glimpse.engine.config import EngineConfig
@@ -55,6 +58,7 @@ from glimpse.server.serving_completions import (
     CompletionsHandler,
     InternalServerError,
     ServingContext,
+    log_refusal,
 )
 from glimpse.server.serving_tokens import TokensHandler
 from glimpse.server.startup import prepare_to_serve
@@ -107,7 +111,7 @@ def _guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Req
     async def run(request: Request) -> Response:
         try:
             return await handler(request)
-        except (GlimpseError, ClientDisconnected):
+        except (GlimpseError, ClientDisconnected, ClientDisconnect):
             raise
         except Exception:
             log.exception("unexpected error answering %s %s", request.method, request.url.path)
@@ -135,10 +139,13 @@ def build_app(ctx: ServingContext, api_key: str | None = None) -> FastAPI:
     # Errors -------------------------------------------------------------------------------------------
     @app.exception_handler(GlimpseError)
     async def _glimpse_error(request: Request, exc: GlimpseError) -> JSONResponse:
+        if exc.status < 500:  # a 500 was logged with its traceback where it happened
+            log_refusal(request, exc.status, exc.message)
         return error_response(exc)
 
     @app.exception_handler(ClientDisconnected)
-    async def _gone(request: Request, exc: ClientDisconnected) -> Response:
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: Exception) -> Response:
         return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
 
     @app.exception_handler(StarletteHTTPException)
@@ -148,11 +155,14 @@ def build_app(ctx: ServingContext, api_key: str | None = None) -> FastAPI:
             exc.status_code, "invalid_request_error" if exc.status_code < 500 else "internal_server_error"
         )
         body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": exc.status_code}}
+        log_refusal(request, exc.status_code, str(exc.detail))
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(InvalidRequestError(f"invalid request: {exc.errors()}"))
+        error = InvalidRequestError(f"invalid request: {exc.errors()}")
+        log_refusal(request, error.status, error.message)
+        return error_response(error)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -308,6 +318,8 @@ def make_context(
         media_policy=MediaPolicy.for_server(media.allowed_local_media_path, media.allow_private_media_urls),
         max_request_bytes=server_config.max_request_bytes,
         max_logprobs=server_config.max_logprobs,
+        max_prompts_per_request=server_config.max_prompts_per_request,
+        max_sequences_per_request=server_config.max_sequences_per_request,
         test_hooks=test_hooks,
         sampling_defaults=defaults,
     )

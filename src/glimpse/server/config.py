@@ -97,6 +97,14 @@ class ServerConfig:
         rule=NOT_NEGATIVE,
     )  # fmt: skip
     max_request_bytes: int = setting(268_435_456, help="bytes per request body", rule=POSITIVE)
+    # A /v1/completions batch is tokenised and scheduled prompt by prompt: the caps bound that work, and
+    # are checked before any prompt is processed. Evaluation harnesses send batches of tens to hundreds.
+    max_prompts_per_request: int = setting(
+        4096, help="prompts one /v1/completions request may carry (more is a 400)", rule=POSITIVE
+    )
+    max_sequences_per_request: int = setting(
+        4096, help="sequences one request may ask for, prompts x n (more is a 400)", rule=POSITIVE
+    )
     media_limits: MediaLimits = field(default_factory=MediaLimits)
 
     def __post_init__(self) -> None:

@@ -1,7 +1,9 @@
 """OpenAI API request and response models (API.md, HTTP): what a client may send, and what it gets back.
 
-Requests ignore unknown fields (clients send extras) but type-check the ones they know strictly: `true`
-is not a number and `"0.5"` is not a float. Checks that span several fields raise
+Requests ignore unknown fields (clients send extras; a request keeps their names in `unknown_fields` so
+the server can warn about them) but type-check the ones they know strictly: `true` is not a number,
+`"0.5"` is not a float, and every number must be finite (`NaN`, `Infinity` and `1e400`, which parses to
+infinity, are refused wherever they appear). Checks that span several fields raise
 `InvalidRequestError` with `param` straight out of validation, so `parse_request` is the one door a
 request body goes through. Response models serialise to OpenAI's exact shapes with `model_dump()`.
 What a request means for the engine is request_params.py's job; logprobs.py builds the logprobs shapes.
@@ -10,16 +12,19 @@ What a request means for the engine is request_params.py's job; logprobs.py buil
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
     Field,
+    PrivateAttr,
     Strict,
     Tag,
     ValidationError,
@@ -45,9 +50,28 @@ def random_id(prefix: str) -> str:
 
 
 class OpenAIModel(BaseModel):
-    """Request side: unknown fields are ignored, as OpenAI clients send extras."""
+    """Request side: unknown fields are ignored, as OpenAI clients send extras; floats must be finite."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, allow_inf_nan=False)
+
+
+def _finite_json(value: Any) -> Any:
+    """Refuse NaN and infinities anywhere inside a free-form JSON value (schemas, template and processor
+    arguments): the float fields refuse them by type, these would carry them on to whoever reads them."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise PydanticCustomError("finite_number", "numbers must be finite (not NaN or Infinity)")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return value
+
+
+# A JSON object whose numbers are all finite.
+JSONObject = Annotated[dict[str, Any], AfterValidator(_finite_json)]
 
 
 # ---------------------------------------------------------------- messages and content parts
@@ -170,7 +194,7 @@ class FunctionCall(OpenAIModel):
     @classmethod
     def _dump_object(cls, value: Any) -> Any:
         # Some clients put the arguments object itself; the chat template wants one spelling.
-        return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else value
+        return json.dumps(_finite_json(value), ensure_ascii=False) if isinstance(value, dict) else value
 
 
 class ToolCall(OpenAIModel):
@@ -236,7 +260,7 @@ ChatMessage = Annotated[
 class FunctionDefinition(OpenAIModel):
     name: str = Field(min_length=1)
     description: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: JSONObject | None = None
     strict: Bool | None = None
 
 
@@ -258,7 +282,7 @@ class JSONSchemaFormat(OpenAIModel):
     name: str
     description: str | None = None
     # `schema` would shadow a BaseModel attribute; the JSON key stays "schema".
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    schema_: JSONObject | None = Field(default=None, alias="schema")
     strict: Bool | None = None
 
 
@@ -268,9 +292,11 @@ class ResponseFormat(OpenAIModel):
 
     @model_validator(mode="after")
     def _schema_given(self) -> ResponseFormat:
-        if self.type == "json_schema" and self.json_schema is None:
+        # As vLLM: a json_schema format without its schema is an error, not "any JSON object".
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
             raise PydanticCustomError(
-                "missing_json_schema", 'response_format of type "json_schema" needs a "json_schema" object'
+                "missing_json_schema",
+                'response_format of type "json_schema" needs a "json_schema" object with a "schema"',
             )
         return self
 
@@ -283,7 +309,7 @@ class StreamOptions(OpenAIModel):
 class StructuredOutputs(OpenAIModel):
     """vLLM's constrained-decoding extra: exactly one of json, regex, choice (grammar is not supported)."""
 
-    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    json_: JSONObject | str | None = Field(default=None, alias="json")
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
@@ -311,7 +337,13 @@ class StructuredOutputs(OpenAIModel):
 
 
 class _SamplingRequest(OpenAIModel):
-    """Fields both endpoints share, with vLLM's extras. None means "not given": defaults apply later."""
+    """Fields both endpoints share, with vLLM's extras. None means "not given": defaults apply later.
+
+    Unknown top-level fields are collected (not kept as attributes) into `unknown_fields`."""
+
+    # "allow" only to see the unknown fields: `_set_aside_unknown` moves them out of the model.
+    model_config = ConfigDict(extra="allow")
+    _unknown: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     model: str | None = None
     frequency_penalty: Float | None = Field(default=None, ge=-2, le=2)
@@ -336,7 +368,7 @@ class _SamplingRequest(OpenAIModel):
     skip_special_tokens: Bool | None = None
     structured_outputs: StructuredOutputs | None = None
     # Older vLLM spellings of structured_outputs, still sent by some clients.
-    guided_json: dict[str, Any] | str | None = None
+    guided_json: JSONObject | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
 
@@ -347,6 +379,20 @@ class _SamplingRequest(OpenAIModel):
         if any(not s for s in items):
             raise ValueError("stop strings must be non-empty")
         return value
+
+    @model_validator(mode="after")
+    def _set_aside_unknown(self) -> _SamplingRequest:
+        extra = self.__pydantic_extra__
+        if extra:
+            self._unknown = dict(extra)
+            extra.clear()
+        return self
+
+    @property
+    def unknown_fields(self) -> dict[str, Any]:
+        """The top-level fields this server does not know, with their values (ignored, but a test hook
+        like `glimpse_forced_output` is read from here)."""
+        return self._unknown
 
     @model_validator(mode="after")
     def _common_checks(self) -> _SamplingRequest:
@@ -413,6 +459,11 @@ class _SamplingRequest(OpenAIModel):
         raise NotImplementedError
 
     @property
+    def asked_max_tokens(self) -> tuple[str, int] | None:
+        """(field name, value) of a length the client set itself (a default is not asked for)."""
+        raise NotImplementedError
+
+    @property
     def include_usage(self) -> bool:
         """Whether a stream ends with a usage chunk (stream_options.include_usage)."""
         return bool(self.stream and self.stream_options is not None and self.stream_options.include_usage)
@@ -429,10 +480,10 @@ class ChatCompletionRequest(_SamplingRequest):
     parallel_tool_calls: Bool | None = None
     # vLLM extras for the chat template and media
     chat_template: str | None = None  # a Jinja template used instead of the model's, for this request
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: JSONObject | None = None
     add_generation_prompt: Bool = True
-    mm_processor_kwargs: dict[str, Any] | None = None
-    media_io_kwargs: dict[str, dict[str, Any]] | None = None
+    mm_processor_kwargs: JSONObject | None = None
+    media_io_kwargs: dict[str, JSONObject] | None = None
     video_pruning_rate: Float | None = Field(default=None, ge=0, lt=1)
 
     @model_validator(mode="after")
@@ -456,16 +507,26 @@ class ChatCompletionRequest(_SamplingRequest):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     @property
+    def asked_max_tokens(self) -> tuple[str, int] | None:
+        if self.max_completion_tokens is not None:
+            return "max_completion_tokens", self.max_completion_tokens
+        return None if self.max_tokens is None else ("max_tokens", self.max_tokens)
+
+    @property
     def tools_enabled(self) -> bool:
         """Whether the output should be parsed for tool calls (tools given and tool_choice not "none")."""
         return bool(self.tools) and self.tool_choice != "none"
 
 
-TokenIds = list[Annotated[Int, Field(ge=0)]]
+# Every list in the prompt's union fails at its first bad item: a batch of 20,000 id lists tried as
+# `list[str]` would otherwise collect 20,000 errors (and copy the batch into each) before the right
+# member is tried.
+_FAIL_FAST = Field(fail_fast=True)
+TokenIds = Annotated[list[Annotated[Int, Field(ge=0)]], _FAIL_FAST]
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | TokenIds | list[TokenIds]
+    prompt: str | Annotated[list[str], _FAIL_FAST] | TokenIds | Annotated[list[TokenIds], _FAIL_FAST]
     max_tokens: Int | None = Field(default=16, ge=0)  # OpenAI's default; 0 only with echo (the prompt alone)
     logprobs: Int | None = Field(default=None, ge=0, le=20)
     echo: Bool | None = False
@@ -494,6 +555,11 @@ class CompletionRequest(_SamplingRequest):
     @property
     def requested_max_tokens(self) -> int | None:
         return 1 if self.echo_only else self.max_tokens  # the engine draws a token that is not returned
+
+    @property
+    def asked_max_tokens(self) -> tuple[str, int] | None:
+        given = "max_tokens" in self.model_fields_set and self.max_tokens is not None
+        return ("max_tokens", self.max_tokens) if given else None  # type: ignore[return-value]
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts in order: one text or one list of token ids each (a batch gives several)."""

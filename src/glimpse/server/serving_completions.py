@@ -1,9 +1,12 @@
 """POST /v1/completions, and the machinery both OpenAI endpoints share (`ServingBase`).
 
 A request goes: read the body within --max-request-bytes -> `parse_request` (400 on any bad field) ->
-check the model name (404) -> tokenise -> check the context (400) -> the engine. Streams are SSE
-(`data: {...}\\n\\n`, then `data: [DONE]`); a client that goes away, streaming or not, has its engine
-requests aborted so their memory comes back at once.
+check the model name (404) -> check the batch against the caps and each text against the context by its
+length (400, before any work) -> tokenise -> check the context and max_tokens (400) -> the engine.
+Parsing and tokenising run in worker threads, so one large request never stalls the event loop (and
+with it every other client and /health). Streams are SSE (`data: {...}\\n\\n`, then `data: [DONE]`); a
+client that goes away, streaming or not, has its engine requests aborted so their memory comes back at
+once.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from glimpse.engine.async_llm import AsyncLLM
 from glimpse.errors import GlimpseError, InvalidRequestError, LimitExceededError, NotFoundError
@@ -26,10 +30,11 @@ from glimpse.inputs import ProcessedInput
 from glimpse.outputs import CompletionOutput, RequestOutput
 from glimpse.processing.media import MediaLimits, MediaPolicy
 from glimpse.sampling_params import SamplingParams
-from glimpse.server.config import check_logprobs
+from glimpse.server.config import ServerConfig, check_logprobs
 from glimpse.server.logprobs import TokenBytes, completion_logprobs, text_pieces
 from glimpse.server.metrics import ServerMetrics
 from glimpse.server.protocol import (
+    ChatCompletionRequest,
     CompletionChoice,
     CompletionChunk,
     CompletionLogprobs,
@@ -45,11 +50,15 @@ from glimpse.server.request_params import to_sampling_params
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+R = TypeVar("R", ChatCompletionRequest, CompletionRequest)
 
 # The field a test sends to force the model's output (only with GLIMPSE_TEST_HOOKS=1; API.md, Tests).
 FORCED_OUTPUT_FIELD = "glimpse_forced_output"
 # How often a non-streaming request checks that its client is still there.
 DISCONNECT_POLL_SECONDS = 0.25
+# What a log line shows of a client's error message or unknown field names.
+_LOGGED_CHARS = 2000
+_LOGGED_NAMES = 20
 
 
 class InternalServerError(GlimpseError):
@@ -60,7 +69,30 @@ class InternalServerError(GlimpseError):
 
 
 class ClientDisconnected(Exception):
-    """The client went away before its answer was ready; the engine requests have been aborted."""
+    """The client went away before its answer was ready (or before it sent its whole body); any engine
+    requests have been aborted."""
+
+
+def printable(text: str) -> str:
+    """`text` with control and other unprintable characters escaped (`\\x1b`, `\\n`), for a log line a
+    client's input can't forge or garble."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def log_refusal(request: Request, status: int, message: str) -> None:
+    """One log line for a request answered with an error: what it asked and the reason it was given."""
+    if len(message) > _LOGGED_CHARS:
+        message = message[:_LOGGED_CHARS] + "..."
+    log.info("%s %s -> %d: %s", request.method, request.url.path, status, printable(message))
+
+
+def longest_token_chars(tokenizer: Any) -> int:
+    """The most characters any one token of the vocabulary stands for. A byte-level BPE vocabulary
+    spells each byte as one character (special tokens as their text), so no token covers more
+    characters of a text than its entry has: a text of C characters is at least C / this many tokens."""
+    return max(map(len, tokenizer.get_vocab()), default=1)
 
 
 @dataclass
@@ -75,8 +107,14 @@ class ServingContext:
     media_policy: MediaPolicy = field(default_factory=MediaPolicy.for_server)
     max_request_bytes: int = 268_435_456
     max_logprobs: int = 20
+    max_prompts_per_request: int = ServerConfig.max_prompts_per_request
+    max_sequences_per_request: int = ServerConfig.max_sequences_per_request
     test_hooks: bool = False  # accept `glimpse_forced_output`
     sampling_defaults: dict[str, Any] = field(default_factory=dict)  # from generation_config.json
+    max_chars_per_token: int = field(init=False)  # from the tokenizer's vocabulary
+
+    def __post_init__(self) -> None:
+        self.max_chars_per_token = longest_token_chars(self.tokenizer)
 
     @property
     def served_model_names(self) -> list[str]:
@@ -224,9 +262,30 @@ class ServingBase:
         self.ctx = ctx
 
     # Input --------------------------------------------------------------------------------------------
+    async def parse(self, request: Request, model: type[R]) -> R:
+        """The request's body validated into `model` (400 on a bad field, 404 on another model's name).
+
+        Validating a body of tens of megabytes takes a while: it runs in a worker thread. The unknown
+        top-level fields are logged (and otherwise ignored)."""
+        body = await self.read_body(request)
+        req = await asyncio.to_thread(parse_request, model, body)
+        del body
+        self.check_model(req.model)
+        self.warn_unknown(request, req.unknown_fields)
+        return req
+
+    def warn_unknown(self, request: Request, fields: dict[str, Any]) -> None:
+        names = [k for k in fields if not (self.ctx.test_hooks and k == FORCED_OUTPUT_FIELD)]
+        if not names:
+            return
+        shown = ", ".join(repr(name[:64]) for name in names[:_LOGGED_NAMES])
+        more = f" and {len(names) - _LOGGED_NAMES} more" if len(names) > _LOGGED_NAMES else ""
+        log.warning("%s %s: ignored unknown fields %s%s", request.method, request.url.path, shown, more)
+
     async def read_body(self, request: Request) -> bytes:
         """The raw body, refused with 413 past --max-request-bytes: by Content-Length before reading a
-        byte, and by counting while reading (chunked bodies have no length)."""
+        byte, and by counting while reading (chunked bodies have no length). A client that hangs up
+        before sending all of it is ClientDisconnected (nobody is left to answer)."""
         limit = self.ctx.max_request_bytes
         declared = request.headers.get("content-length")
         if declared is not None:
@@ -241,14 +300,18 @@ class ServingBase:
                 )
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise LimitExceededError(
-                    f"the request body is over {limit} bytes, the most this server accepts "
-                    "(--max-request-bytes)"
-                )
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise LimitExceededError(
+                        f"the request body is over {limit} bytes, the most this server accepts "
+                        "(--max-request-bytes)"
+                    )
+                chunks.append(chunk)
+        except ClientDisconnect:
+            log.info("%s %s: the client hung up while sending its body", request.method, request.url.path)
+            raise ClientDisconnected() from None
         return b"".join(chunks)
 
     def check_model(self, name: str | None) -> None:
@@ -259,14 +322,10 @@ class ServingBase:
                 f"the model {name!r} does not exist; this server serves {served}", param="model"
             )
 
-    def forced_output(self, body: bytes) -> list[int] | None:
-        """Token ids to force (`glimpse_forced_output` + EOS), only on a server started with test hooks."""
-        if not self.ctx.test_hooks:
-            return None
-        try:
-            text = json.loads(body).get(FORCED_OUTPUT_FIELD)
-        except (ValueError, AttributeError):
-            return None
+    async def forced_output(self, fields: dict[str, Any]) -> list[int] | None:
+        """Token ids to force (`glimpse_forced_output` + EOS, from the request's unknown `fields`), only
+        on a server started with test hooks."""
+        text = fields.get(FORCED_OUTPUT_FIELD) if self.ctx.test_hooks else None
         if text is None:
             return None
         if not isinstance(text, str):
@@ -274,7 +333,38 @@ class ServingBase:
         engine = self.ctx.llm.engine
         tok = engine.tokenizer
         eos = tok.eos_token_id if tok.eos_token_id in engine.eos_token_ids else engine.eos_token_ids[0]
-        return tok.encode(text, add_special_tokens=False) + [eos]
+        ids = await asyncio.to_thread(tok.encode, text, add_special_tokens=False)
+        return ids + [eos]
+
+    def check_sequences(self, prompts: int, n: int) -> None:
+        """400 for a request over the caps on prompts and on sequences (prompts x n), before any work."""
+        cap = self.ctx.max_prompts_per_request
+        if prompts > cap:
+            raise InvalidRequestError(
+                f"this request has {prompts} prompts; at most {cap} are allowed per request "
+                "(--max-prompts-per-request)",
+                param="prompt",
+            )
+        cap = self.ctx.max_sequences_per_request
+        if prompts * n > cap:
+            raise InvalidRequestError(
+                f"this request asks for {prompts * n} sequences (n={n} for each of {prompts} prompts); at "
+                f"most {cap} are allowed per request (--max-sequences-per-request)",
+                param="n",
+            )
+
+    def check_text_length(self, chars: int, param: str) -> None:
+        """400 for text that can't fit in the context whatever it says, judged by its length alone before
+        it is tokenised: no token covers more than `max_chars_per_token` characters, so text longer than
+        that many characters per token of the context (less one to generate) is over it."""
+        per_token, context = self.ctx.max_chars_per_token, self.ctx.max_model_len
+        limit = per_token * (context - 1)
+        if chars > limit:
+            raise InvalidRequestError(
+                f"the prompt has {chars} characters; this model's context of {context} tokens holds at most "
+                f"{limit} (no token is longer than {per_token} characters)",
+                param=param,
+            )
 
     def check_context(self, n_prompt: int, param: str) -> None:
         """400 when the prompt leaves no room for even one generated token."""
@@ -291,8 +381,9 @@ class ServingBase:
     ) -> SamplingParams:
         n_prompt = len(inp.prompt_token_ids)
         self.check_context(n_prompt, param)
+        limit = self.ctx.max_model_len
         params = to_sampling_params(
-            req, default_max_tokens=self.ctx.max_model_len - n_prompt, defaults=self.ctx.sampling_defaults
+            req, default_max_tokens=limit - n_prompt, defaults=self.ctx.sampling_defaults, max_model_len=limit
         )
         logprobs_param = "top_logprobs" if param == "messages" else "logprobs"
         check_logprobs(params.logprobs, self.ctx.max_logprobs, logprobs_param)
@@ -349,6 +440,7 @@ class ServingBase:
                         return
                     yield event
             except GlimpseError as e:
+                log_refusal(request, e.status, e.message)
                 yield error_event(e)
                 yield sse("[DONE]")
             except Exception:
@@ -405,24 +497,21 @@ class CompletionsHandler(ServingBase):
 
     async def create(self, request: Request) -> Response:
         arrival = time.monotonic()
-        body = await self.read_body(request)
-        req = parse_request(CompletionRequest, body)
-        self.check_model(req.model)
-        forced = self.forced_output(body)
-        inputs: list[ProcessedInput] = []
-        for p in req.prompts():
-            inp = self.ctx.llm.process(p if isinstance(p, str) else {"prompt_token_ids": p})
-            if not inp.prompt_token_ids:
-                raise InvalidRequestError("the prompt is empty", param="prompt")
-            inputs.append(inp)
-        params = [self.sampling_params(req, inp, forced, "prompt") for inp in inputs]
+        req = await self.parse(request, CompletionRequest)
+        prompts = req.prompts()
+        n = req.n or 1
+        self.check_sequences(len(prompts), n)
+        for p in prompts:
+            if isinstance(p, str):
+                self.check_text_length(len(p), "prompt")
+        forced = await self.forced_output(req.unknown_fields)
+        inputs, params = await asyncio.to_thread(self._prepare, req, prompts, forced)
         if req.echo and req.logprobs is not None:  # as vLLM: echoed prompts come with their logprobs
             params = [replace(p, prompt_logprobs=req.logprobs) for p in params]
         echo = await asyncio.to_thread(self._echoes, req, inputs)
         request_id = random_id("cmpl")
         gens = self.generators(inputs, params, request_id)
         trackers = [RequestTracker(self.ctx.metrics, arrival) for _ in gens]
-        n = params[0].n
         if req.stream:
             _, events = await first_and_rest(merge_streams(gens), request, self)
             stream = self._stream(req, request_id, events, trackers, n, echo)
@@ -504,6 +593,22 @@ class CompletionsHandler(ServingBase):
             [*out.prompt_token_ids, *ids], [*prompt_steps, *steps], req.logprobs, 0, texts
         )
 
+    def _prepare(
+        self, req: CompletionRequest, prompts: list[str | list[int]], forced: list[int] | None
+    ) -> tuple[list[ProcessedInput], list[SamplingParams]]:
+        """Tokenise each prompt and check it against the context (blocking work: in a worker thread); the
+        first prompt that fails stops the rest."""
+        inputs: list[ProcessedInput] = []
+        params: list[SamplingParams] = []
+        for p in prompts:
+            inp = self.ctx.llm.process(p if isinstance(p, str) else {"prompt_token_ids": p})
+            if not inp.prompt_token_ids:
+                raise InvalidRequestError("the prompt is empty", param="prompt")
+            inputs.append(inp)
+            params.append(self.sampling_params(req, inp, forced, "prompt"))
+        return inputs, params
+
+
     async def _stream(
         self,
         req: CompletionRequest,
@@ -561,6 +666,8 @@ class CompletionsHandler(ServingBase):
 
 __all__ = [
     "ServingContext",
+    "log_refusal",
+    "printable",
     "ServingBase",
     "CompletionsHandler",
     "InternalServerError",
