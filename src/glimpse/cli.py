@@ -1,4 +1,4 @@
-"""`glimpse` command line: serve | generate | chat | make-tiny | bench."""
+"""`glimpse` command line: serve | generate | chat | make-tiny | bench | video | extract."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 import unicodedata
 from pathlib import Path
 
+from glimpse.agents.cli import add_extract_args, add_video_args, run_extract, run_video
 from glimpse.bench.run import add_bench_args
 from glimpse.bench.run import main as bench_main
 from glimpse.engine.config import EngineConfig
@@ -126,7 +127,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from glimpse.model.tiny import make_tiny
 
-    path = make_tiny(args.dir, vl=args.vl, seed=args.seed, style=args.style, shards=args.shards)
+    path = make_tiny(
+        args.dir, vl=args.vl, seed=args.seed, style=args.style, shards=args.shards, quantization=args.quantization
+    )
     print(path)
     return 0
 
@@ -194,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--style", default="nvidia", choices=["nvidia", "legacy", "transformers"],
                    help="whose config.json spelling to write (default: %(default)s)")  # fmt: skip
     m.add_argument("--shards", type=int, default=1, help="safetensors files to split the weights into")
+    m.add_argument("--quantization", default=None, choices=["fp8", "nvfp4"],
+                   help="write a modelopt FP8 or NVFP4 checkpoint of the same weights (default: bf16)")  # fmt: skip
     m.set_defaults(func=cmd_make_tiny)
 
     s = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")
@@ -203,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks (see docs/PERFORMANCE.md)")
     add_bench_args(b)
     b.set_defaults(func=cmd_bench)
+
+    v = sub.add_parser("video", help="answers, a summary and chapters for a video, with a report")
+    add_video_args(v)
+    v.set_defaults(func=run_video)
+    x = sub.add_parser("extract", help="one JSON record per document, under a JSON Schema")
+    add_extract_args(x)
+    x.set_defaults(func=run_extract)
     return parser
 
 

@@ -58,7 +58,7 @@ class LLMEngine:
             if cfg.tokenizer:
                 tokenizer_dir = resolve_model_path(cfg.tokenizer, download_dir=cfg.download_dir)
             self.tokenizer = load_tokenizer(tokenizer_dir, cfg.chat_template)
-            self.model = load_model(self.model_dir, self.device, self.dtype)
+            self.model = load_model(self.model_dir, self.device, self.dtype, cfg.quantization)
             config_eos = self.model.llm_config.eos_token_ids
             self.eos_token_ids = end_of_sequence_ids(self.model_dir, self.tokenizer, config_eos)
         else:
