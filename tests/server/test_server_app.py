@@ -293,6 +293,8 @@ def test_text_over_the_context_is_refused_by_its_length_before_tokenising():
 
     r, _ = run(go("/v1/completions", {"prompt": ["ok", "x" * 64]}))
     assert r.status_code == 400 and "64 characters" in r.json()["error"]["message"] and not tokenised
+    r, _ = run(go("/v1/completions", {"prompt": "x" * 64}))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and not tokenised
     long = [{"type": "text", "text": "x" * 40}, {"type": "text", "text": "y" * 24}]
     r, llm = run(go("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": long}]}))
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages" and llm.processor.calls == 0

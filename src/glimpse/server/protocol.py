@@ -16,8 +16,10 @@ import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
+import pydantic_core
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -517,6 +519,18 @@ class ChatCompletionRequest(_SamplingRequest):
         """Whether the output should be parsed for tool calls (tools given and tool_choice not "none")."""
         return bool(self.tools) and self.tool_choice != "none"
 
+    def text_chars(self) -> int:
+        """Characters of text in the messages' content: what the chat template renders into the prompt
+        (tools and the template's own text only add to it)."""
+        total = 0
+        for message in self.messages:
+            content = message.content
+            if isinstance(content, str):
+                total += len(content)
+            elif content is not None:
+                total += sum(len(part.text) for part in content if isinstance(part, TextPart))
+        return total
+
 
 # Every list in the prompt's union fails at its first bad item: a batch of 20,000 id lists tried as
 # `list[str]` would otherwise collect 20,000 errors (and copy the batch into each) before the right
@@ -571,6 +585,86 @@ class CompletionRequest(_SamplingRequest):
         return list(p)  # type: ignore[arg-type]
 
 
+# ---------------------------------------------------------------- a request's size, before any work
+
+
+@dataclass(frozen=True)
+class RequestSize:
+    """What the server's caps and the context judge of a request before doing any work with it: how many
+    prompts, how many choices each, and its longest prompt, as text (characters; for chat all the
+    messages' text) or as token ids; `param` is the field that holds the prompts.
+
+    `of` reads it from a validated request. `glance` reads it from the start of a large body before the
+    body is parsed whole: every number is then a lower bound (`partial`), enough to refuse a batch of
+    millions of prompts or a prompt of millions of characters at the cost of parsing one megabyte."""
+
+    param: str
+    prompts: int
+    n: int
+    text_chars: int
+    token_ids: int
+    partial: bool = False
+
+    @classmethod
+    def of(cls, req: ChatCompletionRequest | CompletionRequest) -> RequestSize:
+        n = req.n or 1
+        if isinstance(req, ChatCompletionRequest):
+            return cls("messages", 1, n, req.text_chars(), 0)
+        prompts = req.prompts()
+        return cls(
+            param="prompt",
+            prompts=len(prompts),
+            n=n,
+            text_chars=max((len(p) for p in prompts if isinstance(p, str)), default=0),
+            token_ids=max((len(p) for p in prompts if isinstance(p, list)), default=0),
+        )
+
+    @classmethod
+    def glance(cls, body: bytes | bytearray, chat: bool) -> RequestSize | None:
+        """The size as far as the first GLANCE_BYTES of `body` tell (a value cut off at the end counts
+        with what it has), or None when they don't start a JSON object. Only bounds are read here; the
+        whole body is validated afterwards."""
+        try:
+            data = pydantic_core.from_json(body[:GLANCE_BYTES], allow_partial="trailing-strings")
+        except ValueError:
+            return None
+        if not isinstance(data, dict):
+            return None
+        n = data.get("n")
+        n = n if type(n) is int and n >= 1 else 1  # a bool is no count
+        if chat:
+            messages = data.get("messages")
+            chars = sum(map(_glanced_text, messages)) if isinstance(messages, list) else 0
+            return cls("messages", 1, n, chars, 0, partial=True)
+        prompt = data.get("prompt")
+        if isinstance(prompt, str):
+            return cls("prompt", 1, n, len(prompt), 0, partial=True)
+        if not isinstance(prompt, list) or not prompt:
+            return None
+        if isinstance(prompt[0], int):  # one prompt of token ids
+            return cls("prompt", 1, n, 0, len(prompt), partial=True)
+        chars = max((len(p) for p in prompt if isinstance(p, str)), default=0)
+        ids = max((len(p) for p in prompt if isinstance(p, list)), default=0)
+        return cls("prompt", len(prompt), n, chars, ids, partial=True)
+
+
+# How much of a body `RequestSize.glance` parses (about 30 ms of work at most), and from what size a body
+# is worth a glance before it is parsed whole (over 4,096 prompts of a few ids each).
+GLANCE_BYTES = 1 << 20
+GLANCE_FROM_BYTES = 1 << 18
+
+
+def _glanced_text(message: Any) -> int:
+    """Characters of text in one message of a glanced body (junk counts as none)."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, str):
+        return len(content)
+    if not isinstance(content, list):
+        return 0
+    texts = (part.get("text") for part in content if isinstance(part, dict) and part.get("type") == "text")
+    return sum(len(text) for text in texts if isinstance(text, str))
+
+
 def _param_from_loc(loc: Sequence[int | str]) -> str | None:
     """A dotted path like `messages.0.content` from a pydantic location, minus union-member labels."""
     keep: list[str] = []
@@ -588,13 +682,13 @@ _TYPE_LABELS = frozenset({"str", "int", "float", "bool", "dict", "list", "none",
 M = TypeVar("M", bound=OpenAIModel)
 
 
-def parse_request(model: type[M], body: bytes | str | Mapping[str, Any]) -> M:
+def parse_request(model: type[M], body: bytes | bytearray | str | Mapping[str, Any]) -> M:
     """Validate a request body into `model`, turning every problem into a 400 InvalidRequestError.
 
     The message names each bad field and why; `param` is the most specific bad field.
     """
     try:
-        if isinstance(body, bytes | str):
+        if isinstance(body, bytes | bytearray | str):
             return model.model_validate_json(body)
         return model.model_validate(body)
     except ValidationError as exc:

@@ -38,7 +38,6 @@ from glimpse.server.protocol import (
     ImageURLPart,
     InputFilePart,
     NamedToolChoice,
-    TextPart,
     Tool,
     UserMessage,
     VideoURLPart,
@@ -75,19 +74,6 @@ def count_media(req: ChatCompletionRequest) -> dict[str, int]:
                 if kind is not None:
                     counts[kind] += 1
     return counts
-
-
-def text_chars(req: ChatCompletionRequest) -> int:
-    """Characters of text in the messages' content (what the chat template renders into the prompt;
-    tools and the template's own text only add to it)."""
-    total = 0
-    for message in req.messages:
-        content = message.content
-        if isinstance(content, str):
-            total += len(content)
-        elif content is not None:
-            total += sum(len(part.text) for part in content if isinstance(part, TextPart))
-    return total
 
 
 def tool_mode(req: ChatCompletionRequest) -> str | None:
@@ -217,8 +203,6 @@ class ChatHandler(ServingBase):
         arrival = time.monotonic()
         req = await self.parse(request, ChatCompletionRequest)
         counts = self.check_media_counts(req)
-        self.check_sequences(1, req.n or 1)
-        self.check_text_length(text_chars(req), "messages")
         forced = await self.forced_output(req.unknown_fields)
         # a client that gives up while its media is fetched or decoded cancels that work
         inp = await self.until_disconnected(request, self.process(req, has_media=any(counts.values())))
@@ -374,4 +358,4 @@ class ChatHandler(ServingBase):
         yield sse("[DONE]")
 
 
-__all__ = ["ChatHandler", "count_media", "text_chars", "ChoiceStream"]
+__all__ = ["ChatHandler", "count_media", "ChoiceStream"]

@@ -34,6 +34,7 @@ from glimpse.server.config import ServerConfig, check_logprobs
 from glimpse.server.logprobs import TokenBytes, completion_logprobs, text_pieces
 from glimpse.server.metrics import ServerMetrics
 from glimpse.server.protocol import (
+    GLANCE_FROM_BYTES,
     ChatCompletionRequest,
     CompletionChoice,
     CompletionChunk,
@@ -41,6 +42,7 @@ from glimpse.server.protocol import (
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
+    RequestSize,
     Usage,
     parse_request,
     random_id,
@@ -263,16 +265,28 @@ class ServingBase:
 
     # Input --------------------------------------------------------------------------------------------
     async def parse(self, request: Request, model: type[R]) -> R:
-        """The request's body validated into `model` (400 on a bad field, 404 on another model's name).
+        """The request's body validated into `model` and checked against the caps and the context by its
+        size (400), with the model's name checked (404) and unknown top-level fields logged.
 
-        Validating a body of tens of megabytes takes a while: it runs in a worker thread. The unknown
-        top-level fields are logged (and otherwise ignored)."""
+        Parsing runs in a worker thread. It holds the GIL for as long as the body takes to parse (about
+        30 ms a megabyte of numbers), which would stall the event loop anyway: so a body over
+        GLANCE_FROM_BYTES is first judged by its start, and one far over the caps or the context (a batch
+        of thousands of prompts, a prompt of millions of characters) is refused without being parsed
+        whole."""
         body = await self.read_body(request)
-        req = await asyncio.to_thread(parse_request, model, body)
+        req = await asyncio.to_thread(self._parse, model, body)
         del body
         self.check_model(req.model)
         self.warn_unknown(request, req.unknown_fields)
+        self.check_size(RequestSize.of(req))
         return req
+
+    def _parse(self, model: type[R], body: bytearray) -> R:
+        if len(body) > GLANCE_FROM_BYTES:
+            size = RequestSize.glance(body, chat=model is ChatCompletionRequest)
+            if size is not None:
+                self.check_size(size)
+        return parse_request(model, body)
 
     def warn_unknown(self, request: Request, fields: dict[str, Any]) -> None:
         names = [k for k in fields if not (self.ctx.test_hooks and k == FORCED_OUTPUT_FIELD)]
@@ -282,10 +296,13 @@ class ServingBase:
         more = f" and {len(names) - _LOGGED_NAMES} more" if len(names) > _LOGGED_NAMES else ""
         log.warning("%s %s: ignored unknown fields %s%s", request.method, request.url.path, shown, more)
 
-    async def read_body(self, request: Request) -> bytes:
+    async def read_body(self, request: Request) -> bytearray:
         """The raw body, refused with 413 past --max-request-bytes: by Content-Length before reading a
         byte, and by counting while reading (chunked bodies have no length). A client that hangs up
-        before sending all of it is ClientDisconnected (nobody is left to answer)."""
+        before sending all of it is ClientDisconnected (nobody is left to answer).
+
+        The chunks are appended as they come: joining a body of tens of megabytes at the end would be
+        one copy long enough to stall the event loop."""
         limit = self.ctx.max_request_bytes
         declared = request.headers.get("content-length")
         if declared is not None:
@@ -298,21 +315,19 @@ class ServingBase:
                     f"the request body is {size} bytes; this server accepts at most {limit} "
                     "(--max-request-bytes)"
                 )
-        chunks: list[bytes] = []
-        size = 0
+        body = bytearray()
         try:
             async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
+                if len(body) + len(chunk) > limit:
                     raise LimitExceededError(
                         f"the request body is over {limit} bytes, the most this server accepts "
                         "(--max-request-bytes)"
                     )
-                chunks.append(chunk)
+                body += chunk
         except ClientDisconnect:
             log.info("%s %s: the client hung up while sending its body", request.method, request.url.path)
             raise ClientDisconnected() from None
-        return b"".join(chunks)
+        return body
 
     def check_model(self, name: str | None) -> None:
         """404 unless the request names a served model (or names none)."""
@@ -336,43 +351,45 @@ class ServingBase:
         ids = await asyncio.to_thread(tok.encode, text, add_special_tokens=False)
         return ids + [eos]
 
-    def check_sequences(self, prompts: int, n: int) -> None:
-        """400 for a request over the caps on prompts and on sequences (prompts x n), before any work."""
+    def check_size(self, size: RequestSize) -> None:
+        """400, before any work, for a request over the caps on prompts and on sequences (prompts x n),
+        or whose longest prompt can't fit in the context whatever it says.
+
+        Text is judged by its length alone, before it is tokenised: no token covers more than
+        `max_chars_per_token` characters, so text longer than that many characters per token of the
+        context (less one to generate) is over it."""
+        some = "at least " if size.partial else ""
         cap = self.ctx.max_prompts_per_request
-        if prompts > cap:
+        if size.prompts > cap:
             raise InvalidRequestError(
-                f"this request has {prompts} prompts; at most {cap} are allowed per request "
+                f"this request has {some}{size.prompts} prompts; at most {cap} are allowed per request "
                 "(--max-prompts-per-request)",
-                param="prompt",
+                param=size.param,
             )
         cap = self.ctx.max_sequences_per_request
-        if prompts * n > cap:
+        if size.prompts * size.n > cap:
             raise InvalidRequestError(
-                f"this request asks for {prompts * n} sequences (n={n} for each of {prompts} prompts); at "
-                f"most {cap} are allowed per request (--max-sequences-per-request)",
+                f"this request asks for {some}{size.prompts * size.n} sequences (n={size.n} for each of "
+                f"{size.prompts} prompts); at most {cap} are allowed per request (--max-sequences-per-request)",
                 param="n",
             )
-
-    def check_text_length(self, chars: int, param: str) -> None:
-        """400 for text that can't fit in the context whatever it says, judged by its length alone before
-        it is tokenised: no token covers more than `max_chars_per_token` characters, so text longer than
-        that many characters per token of the context (less one to generate) is over it."""
         per_token, context = self.ctx.max_chars_per_token, self.ctx.max_model_len
         limit = per_token * (context - 1)
-        if chars > limit:
+        if size.text_chars > limit:
             raise InvalidRequestError(
-                f"the prompt has {chars} characters; this model's context of {context} tokens holds at most "
-                f"{limit} (no token is longer than {per_token} characters)",
-                param=param,
+                f"the prompt has {some}{size.text_chars} characters; this model's context of {context} tokens "
+                f"holds at most {limit} (no token is longer than {per_token} characters)",
+                param=size.param,
             )
+        self.check_context(size.token_ids, size.param, some)
 
-    def check_context(self, n_prompt: int, param: str) -> None:
+    def check_context(self, n_prompt: int, param: str, some: str = "") -> None:
         """400 when the prompt leaves no room for even one generated token."""
         limit = self.ctx.max_model_len
         if n_prompt + 1 > limit:
             raise InvalidRequestError(
-                f"the prompt has {n_prompt} tokens; this model's context is {limit} tokens, which must hold "
-                "the prompt and at least one generated token",
+                f"the prompt has {some}{n_prompt} tokens; this model's context is {limit} tokens, which must "
+                "hold the prompt and at least one generated token",
                 param=param,
             )
 
@@ -500,10 +517,6 @@ class CompletionsHandler(ServingBase):
         req = await self.parse(request, CompletionRequest)
         prompts = req.prompts()
         n = req.n or 1
-        self.check_sequences(len(prompts), n)
-        for p in prompts:
-            if isinstance(p, str):
-                self.check_text_length(len(p), "prompt")
         forced = await self.forced_output(req.unknown_fields)
         inputs, params = await asyncio.to_thread(self._prepare, req, prompts, forced)
         if req.echo and req.logprobs is not None:  # as vLLM: echoed prompts come with their logprobs
