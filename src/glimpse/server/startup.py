@@ -18,18 +18,16 @@ class StartupError(Exception):
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to host:port, not yet listening (uvicorn listens once the app is ready)."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-    except (socket.gaierror, UnicodeError) as e:
-        raise StartupError(f"cannot listen on {host}:{port}: the host is unknown ({e})") from None
-    sock = socket.socket(family, kind, proto)
-    # As uvicorn binds: a port whose last connections are in TIME_WAIT can be bound again at once.
+    """A TCP socket bound to host:port as uvicorn binds one (IPv6 for an address with a colon, else IPv4;
+    SO_REUSEADDR, so a port whose last connections are in TIME_WAIT is free), not yet listening: uvicorn
+    listens on it once the app is ready."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind(address)
+        sock.bind((host, port))
+    except socket.gaierror as e:
+        sock.close()
+        raise StartupError(f"cannot listen on {host}:{port}: the host is unknown ({e.strerror})") from None
     except OSError as e:
         sock.close()
         reason = "the port is in use" if e.errno == errno.EADDRINUSE else e.strerror or str(e)
