@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 # Imports of glimpse modules inside functions, allowed in src/glimpse (only where they carry their weight:
-# an optional dependency, a heavy module kept off a hot import path). Lower it as they go; never raise it.
-MAX_IMPORTS_INSIDE_FUNCTIONS = 86
+# an optional dependency, a heavy module kept off a hot import path). Lower it as they go; raise it only for
+# a reason like today's: the CLI loads the model code (torch) only once its arguments and the port have been
+# checked, and `glimpse --help` stays fast. 86 at the start of the restructuring (2026-12-03).
+MAX_IMPORTS_INSIDE_FUNCTIONS = 30
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = ROOT / "pyproject.toml"

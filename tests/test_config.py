@@ -225,6 +225,136 @@ def test_bad_flag_values_are_usage_errors(flags, capsys):
 
 
 def test_every_flag_has_help():
-    for cls in (EngineConfig, ServerConfig):
+    from glimpse.server.config import VllmOnlyFlags
+
+    for cls in (EngineConfig, ServerConfig, VllmOnlyFlags):
         for _, _, f, _ in leaf_fields(cls):
             assert f.metadata.get("help"), f.name
+
+
+# ------------------------------------------------------------------------------ [G8] vLLM's flags
+
+
+def test_model_is_positional_or_a_flag():
+    assert build_parser().parse_args(["serve", "--model", "tiny"]).model == "tiny"
+    assert build_parser().parse_args(["generate", "tiny", "--prompt", "x"]).model == "tiny"
+    for argv in (["serve"], ["serve", "a", "--model", "b"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(argv)
+
+
+def test_the_port_is_a_tcp_port(capsys):
+    assert ServerConfig(port=65535).port == 65535
+    with pytest.raises(ValueError, match="port must be > 0 and <= 65535, got 65536"):
+        ServerConfig(port=65536)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "tiny", "--port", "99999"])
+    assert "99999" in capsys.readouterr().err
+
+
+def test_served_model_names():
+    engine, server = serve_configs(
+        build_parser().parse_args(["serve", "tiny", "--served-model-name", "a", "b"])
+    )
+    assert server.served_model_name == ["a", "b"] and server.model_names(engine.model) == ["a", "b"]
+    assert ServerConfig(served_model_name="one").model_names("tiny") == ["one"]  # the Python API's form
+    assert ServerConfig().model_names("tiny") == ["tiny"]
+    for bad in ([], [""], "", ["a", 3]):
+        with pytest.raises(ValueError, match="served_model_name"):
+            ServerConfig(served_model_name=bad)
+
+
+def test_cors_flags_are_json_lists(capsys):
+    args = build_parser().parse_args(["serve", "tiny", "--allowed-origins", '["http://a.example"]',
+                                      "--allowed-methods", '["GET", "POST"]'])  # fmt: skip
+    _, server = serve_configs(args)
+    assert server.allowed_origins == ["http://a.example"] and server.allowed_methods == ["GET", "POST"]
+    assert server.allowed_headers == ["*"] and not server.allow_credentials
+    assert ServerConfig().allowed_origins == []  # no cross-origin access unless asked for
+    for bad in ("*", '{"a": 1}', "[1]"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "tiny", "--allowed-origins", bad])
+        assert "JSON list of strings" in capsys.readouterr().err
+
+
+def test_limit_mm_per_prompt_key_value_form():
+    from glimpse.processing.media import parse_limit_mm_per_prompt
+
+    assert parse_limit_mm_per_prompt("image=4,video=1") == {"image": 4, "video": 1, "file": 4}
+    assert parse_limit_mm_per_prompt(" image = 2 ") == parse_limit_mm_per_prompt('{"image": 2}')
+    for bad in ("image=x", "image=1=2", "image"):
+        with pytest.raises(ValueError, match="KIND=N"):
+            parse_limit_mm_per_prompt(bad)
+
+
+def test_tls_key_needs_its_certificate():
+    assert ServerConfig(ssl_certfile="c.pem").ssl_keyfile is None
+    with pytest.raises(ValueError, match="ssl_keyfile needs ssl_certfile"):
+        ServerConfig(ssl_keyfile="k.pem")
+
+
+def test_new_settings_travel_as_json():
+    engine = EngineConfig.from_kwargs("tiny", tokenizer="tiny", revision="v1", download_dir="/d",
+                                      chat_template="{{ x }}", quantization="modelopt")  # fmt: skip
+    server = from_flat(ServerConfig, served_model_name=["a", "b"], allowed_origins=["*"], max_logprobs=5,
+                       ssl_certfile="c.pem", ssl_keyfile="k.pem")  # fmt: skip
+    assert configs_from_json(configs_to_json(engine, server)) == (engine, server)
+    with pytest.raises(ValueError, match="quantization must be one of 'modelopt', 'modelopt_fp4'"):
+        EngineConfig.from_kwargs("tiny", quantization="awq")
+
+
+def test_vllm_only_flags_are_accepted_and_noted():
+    from glimpse.server.config import VllmOnlyFlags, vllm_only_notes
+
+    args = build_parser().parse_args(["serve", "tiny", "--trust-remote-code", "--tool-call-parser", "hermes",
+                                      "--no-enable-chunked-prefill"])  # fmt: skip
+    notes = vllm_only_notes(args)
+    assert [n.split()[0] for n in notes] == [
+        "--trust-remote-code",
+        "--tool-call-parser",
+        "--enable-chunked-prefill",
+    ]
+    assert all("does nothing" in n and "error" not in n.lower() for n in notes)
+    assert vllm_only_notes(build_parser().parse_args(["serve", "tiny"])) == []
+    assert not set(setting_names(VllmOnlyFlags)) & (
+        set(setting_names(EngineConfig)) | set(setting_names(ServerConfig))
+    )
+
+
+def test_chat_template_is_a_file_or_jinja(tmp_path):
+    from glimpse.processing.chat import read_chat_template
+
+    (tmp_path / "t.jinja").write_text("{{ messages }}")
+    assert read_chat_template(str(tmp_path / "t.jinja")) == "{{ messages }}"
+    assert read_chat_template("{% for m in messages %}{{ m }}{% endfor %}").startswith("{% for")
+    with pytest.raises(ValueError, match="neither a readable file nor Jinja text"):
+        read_chat_template(str(tmp_path / "typo.jinja"))
+
+
+# ------------------------------------------------------------------- [G8] checks before the model loads
+
+
+def test_a_busy_port_is_a_startup_error():
+    import socket
+
+    from glimpse.server.startup import StartupError, bind_socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(StartupError, match=f"cannot listen on 127.0.0.1:{port}: the port is in use"):
+            bind_socket("127.0.0.1", port)
+    sock = bind_socket("127.0.0.1", 0)
+    sock.close()
+
+
+def test_unusable_tls_files_are_a_startup_error(tmp_path):
+    from glimpse.server.startup import StartupError, check_tls
+
+    check_tls(None, None)
+    with pytest.raises(StartupError, match="--ssl-certfile .*absent.pem"):
+        check_tls(str(tmp_path / "absent.pem"), None)
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    with pytest.raises(StartupError, match="cannot serve HTTPS"):
+        check_tls(str(tmp_path / "junk.pem"), None)

@@ -110,10 +110,11 @@ def test_unsupported_pattern_letter_is_a_clear_error():
         NemotronHConfig.from_dict(cfg)
 
 
-def test_nvfp4_checkpoint_is_refused_plainly(tmp_path):
+def test_unsupported_quantisation_is_refused_plainly(tmp_path):
+    """FP8 and NVFP4 load (tests/test_quantization_loading.py); other modelopt formats are named."""
     ckpt = make_tiny(tmp_path / "m")
-    (ckpt / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "NVFP4"}}))
-    with pytest.raises(CheckpointError, match="quantised checkpoint \\(NVFP4\\).*not supported yet"):
+    (ckpt / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "W4A8_AWQ"}}))
+    with pytest.raises(CheckpointError, match="quant_algo 'W4A8_AWQ'; Glimpse serves modelopt FP8 and NVFP4"):
         load_language_model(ckpt, "cpu", torch.float32)
 
 

@@ -2,10 +2,9 @@
 
 from glimpse.outputs import CompletionOutput, Logprob, RequestOutput
 from glimpse.sampling_params import SamplingParams
+from glimpse.version import __version__
 
-__version__ = "0.1.0"
-
-__all__ = ["LLM", "AsyncLLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["__version__", "LLM", "AsyncLLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
 
 
 def __getattr__(name: str):

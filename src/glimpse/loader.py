@@ -26,10 +26,14 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py
 
 
 def find_checkpoint(
-    model: str | os.PathLike, builtin_models: Mapping[str, Callable[[str], Path]] | None = None
+    model: str | os.PathLike,
+    builtin_models: Mapping[str, Callable[[str], Path]] | None = None,
+    *,
+    revision: str | None = None,
+    download_dir: str | None = None,
 ) -> Path:
     """A local directory, a name in `builtin_models` (whose maker returns its directory), or a hub id
-    (downloaded when online), in that order."""
+    (downloaded when online, at `revision` into `download_dir` when given), in that order."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
@@ -43,7 +47,9 @@ def find_checkpoint(
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name, allow_patterns=_HUB_PATTERNS))
+        return Path(
+            snapshot_download(name, allow_patterns=_HUB_PATTERNS, revision=revision, cache_dir=download_dir)
+        )
     except Exception as e:  # offline, unknown repo, gated, ...: one clear message
         raise CheckpointError(
             f"could not get {name!r} from the Hugging Face hub ({type(e).__name__}: {e}). Offline? Download it "
@@ -110,16 +116,32 @@ def iter_tensors(
                 yield name, (lambda f=f, name=name: f.get_tensor(name)), shape
 
 
+def _header(path: Path) -> dict[str, dict]:
+    """A shard's tensor entries (dtype, shape, offsets), read from its header alone."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    header.pop("__metadata__", None)
+    return header
+
+
 def tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape from the shard headers alone (no data read): configs leave some counts
     unsaid, the shapes tell them."""
-    shapes = {}
-    for path in files:
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-        shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
-    return shapes
+    return {name: tuple(info["shape"]) for path in files for name, info in _header(path).items()}
+
+
+def tensor_locations(files: list[Path]) -> dict[str, Path]:
+    """The shard holding each tensor, from the headers alone."""
+    return {name: path for path in files for name in _header(path)}
+
+
+def read_tensor(path: Path, name: str, device: torch.device | str) -> torch.Tensor:
+    """One tensor of one shard, read straight to `device`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        return f.get_tensor(name)
 
 
 def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -131,39 +153,90 @@ def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
         owner._buffers[leaf] = value
 
 
+# How quantised checkpoints (NVIDIA modelopt, glimpse.quantization) store a linear layer `X`: `X.weight`
+# packed in one of these dtypes (FP8: float8_e4m3fn; NVFP4: uint8, two codes a byte), its scales beside it.
+PACKED_DTYPES = (torch.float8_e4m3fn, torch.uint8)
+QUANT_SCALES = (".weight_scale", ".weight_scale_2", ".input_scale")
+# The KV cache's scales (`kv_cache_quant_algo`): unused, Glimpse keeps the KV cache in the model dtype.
+KV_CACHE_SCALES = (".k_scale", ".v_scale")
+
+Dequantize = Callable[[str, torch.Tensor, Callable[[str], torch.Tensor]], torch.Tensor]
+"""(checkpoint name of a packed weight, the packed tensor, read_beside) -> the weight in fp32, where
+read_beside("weight_scale") reads the tensor of that name stored beside the weight."""
+
+
 def load_weights(
     module: nn.Module,
     files: list[Path],
     map_name: Callable[[str], str | None],
     device: torch.device | str,
     dtype: torch.dtype,
-    weight_scales: dict[str, torch.Tensor] | None = None,
-) -> None:
+    dequantize: Dequantize | None = None,
+) -> set[str]:
     """Fill `module` (built on the meta device) from the shards. `map_name` turns a checkpoint name into
-    the module's name, or None for tensors we knowingly don't use. Errors name every offending tensor."""
+    the module's name, or None for tensors we knowingly don't use. Errors name every offending tensor.
+
+    Quantised checkpoints: a tensor whose place in `module` has a packed dtype (a quantised layer's
+    weight) or is a quantisation scale loads as stored; a packed weight whose place is full precision is
+    dequantised by `dequantize` (None: the checkpoint declares no quantisation, so that is an error), and
+    the scales beside it are read for that and not loaded. Returns the names (ours) of the weights it
+    dequantised."""
     expected = dict(module.named_parameters()) | dict(module.named_buffers())
     loaded: set[str] = set()
+    dequantized: set[str] = set()
     unexpected: list[str] = []
+    locations: dict[str, Path] | None = None
+
+    def read_beside(ckpt_name: str, leaf: str) -> torch.Tensor:
+        nonlocal locations
+        locations = locations if locations is not None else tensor_locations(files)
+        name = ckpt_name.rsplit(".", 1)[0] + "." + leaf
+        if name not in locations:
+            raise CheckpointError(f"quantised tensor {ckpt_name!r} has no {name} beside it")
+        return read_tensor(locations[name], name, device)
+
     for ckpt_name, load, shape in iter_tensors(files, device):
         name = map_name(ckpt_name)
         if name is None:
             continue
         if name not in expected:
-            unexpected.append(ckpt_name)
+            if not name.endswith(QUANT_SCALES + KV_CACHE_SCALES):  # scales of a dequantised weight: used
+                unexpected.append(ckpt_name)
             continue
-        want = tuple(expected[name].shape)
-        if shape != want:
-            raise CheckpointError(
-                f"tensor {ckpt_name!r} has shape {list(shape)}, the model expects {list(want)}"
-            )
+        target = expected[name]
+        want_dtype = _target_dtype(name, target, dtype)
         tensor = load()
-        if tensor.dtype in _FP8_DTYPES:  # an FP8 linear weight: back to full precision with its scale
-            scale = (weight_scales or {}).get(ckpt_name)
-            if scale is None:
-                raise CheckpointError(f"FP8 tensor {ckpt_name!r} has no {ckpt_name}_scale beside it")
-            tensor = tensor.float() * scale.to(tensor.device)
+        if tensor.is_floating_point() and tensor.element_size() == 1 and tensor.dtype not in PACKED_DTYPES:
+            raise CheckpointError(f"tensor {ckpt_name!r} is {tensor.dtype}: not a format Glimpse reads")
+        if tensor.dtype in PACKED_DTYPES and want_dtype != tensor.dtype:
+            if want_dtype in PACKED_DTYPES or not want_dtype.is_floating_point:
+                raise CheckpointError(
+                    f"tensor {ckpt_name!r} is {tensor.dtype} on disk, its layer holds {want_dtype}"
+                )
+            if dequantize is None:
+                raise CheckpointError(
+                    f"tensor {ckpt_name!r} is {tensor.dtype} but the checkpoint declares no quantisation "
+                    f"(hf_quant_config.json or config.json's quantization_config)"
+                )
+            try:
+                tensor = dequantize(ckpt_name, tensor, lambda leaf, n=ckpt_name: read_beside(n, leaf))
+            except ValueError as e:  # scales whose shape disagrees with the weight
+                raise CheckpointError(f"cannot dequantise {ckpt_name!r}: {e}") from None
+            dequantized.add(name)
+        elif want_dtype in PACKED_DTYPES and tensor.dtype != want_dtype:
+            raise CheckpointError(
+                f"tensor {ckpt_name!r} is {tensor.dtype} on disk, but the checkpoint's quantisation config "
+                f"makes its layer quantised ({want_dtype}): the exclusion list and the tensors disagree"
+            )
+        want = tuple(target.shape)
+        if tuple(tensor.shape) != want:
+            if not (tensor.numel() == 1 and target.numel() == 1):  # a scale stored as [] or [1]
+                raise CheckpointError(
+                    f"tensor {ckpt_name!r} has shape {list(shape)}, the model expects {list(want)}"
+                )
+            tensor = tensor.reshape(want)
         if tensor.is_floating_point():
-            tensor = tensor.to(torch.float32 if name.endswith(FP32_SUFFIXES) else dtype)
+            tensor = tensor.to(want_dtype)
         _set_tensor(module, name, tensor.to(device))
         loaded.add(name)
     if unexpected:
@@ -171,6 +244,20 @@ def load_weights(
     missing = sorted(set(expected) - loaded - _tied(module))
     if missing:
         raise CheckpointError(f"tensors missing from the checkpoint: {missing[:20]}")
+    return dequantized
+
+
+def _target_dtype(name: str, target: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a tensor is kept in: a quantised layer's own (packed weights, scales), fp32 for the
+    precision-critical SSM parameters, else the model dtype."""
+    if target.dtype in PACKED_DTYPES or name.endswith(QUANT_SCALES):
+        return target.dtype
+    return torch.float32 if name.endswith(FP32_SUFFIXES) else dtype
+
+
+def weight_memory_bytes(module: nn.Module) -> int:
+    """Bytes of every parameter and buffer of `module` (tied ones once): what its weights occupy."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
 def _tied(module: nn.Module) -> set[str]:
@@ -211,50 +298,3 @@ def llm_name_map(prefix: str = "") -> Callable[[str], str | None]:
         return prefix + rest
 
     return map_name
-
-
-def quantization_algo(model_dir: Path) -> str | None:
-    """The modelopt quantisation of a checkpoint (hf_quant_config.json, or config.json's quantization_config)."""
-    quant = model_dir / "hf_quant_config.json"
-    if quant.is_file():
-        return json.loads(quant.read_text()).get("quantization", {}).get("quant_algo") or "unknown"
-    config = model_dir / "config.json"
-    if config.is_file():
-        q = json.loads(config.read_text()).get("quantization_config") or {}
-        return q.get("quant_algo") or q.get("quant_method")
-    return None
-
-
-def check_supported_quantization(model_dir: Path) -> str | None:
-    """BF16 checkpoints load as they are; FP8 ones load with their weights dequantised to the model dtype
-    (per-tensor scales: exact, but no memory or speed gain yet). NVFP4 and others are refused plainly."""
-    algo = quantization_algo(model_dir)
-    if algo is None or str(algo).upper() == "FP8":
-        return None if algo is None else "FP8"
-    raise CheckpointError(
-        f"{model_dir} is a quantised checkpoint ({algo}); Glimpse loads BF16 and FP8 checkpoints (FP8 "
-        f"dequantised to bf16); {algo} is not supported yet"
-    )
-
-
-_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-# Scales an FP8 (modelopt) checkpoint stores beside its weights; the dequantised model needs only weight_scale.
-_FP8_SIDECARS = (".weight_scale", ".input_scale", ".k_scale", ".v_scale")
-
-
-def fp8_name_map(inner: Callable[[str], str | None]) -> Callable[[str], str | None]:
-    """Skip the FP8 scale tensors (weight_scale is read separately, to dequantise its weight)."""
-    return lambda name: None if name.endswith(_FP8_SIDECARS) else inner(name)
-
-
-def read_weight_scales(files: list[Path]) -> dict[str, torch.Tensor]:
-    """`X.weight_scale` of every quantised linear layer, keyed by `X.weight` (small: one number each)."""
-    from safetensors import safe_open
-
-    scales = {}
-    for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                if name.endswith(".weight_scale"):
-                    scales[name[: -len("_scale")]] = f.get_tensor(name).float()
-    return scales

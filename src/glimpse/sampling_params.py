@@ -23,6 +23,7 @@ class SamplingParams:
     max_tokens: int | None = 16  # None: up to the context length
     min_tokens: int = 0
     logprobs: int | None = None  # k: the sampled token's logprob plus the top k
+    prompt_logprobs: int | None = None  # k: each prompt token's logprob plus the top k at its position
     skip_special_tokens: bool = True
     json_schema: dict[str, Any] | str | None = None
     regex: str | None = None
@@ -67,6 +68,10 @@ class SamplingParams:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             raise bad("logprobs", "an integer in [0, 20]")
+        if self.prompt_logprobs is not None and (
+            not isinstance(self.prompt_logprobs, int) or not 0 <= self.prompt_logprobs <= 20
+        ):
+            raise bad("prompt_logprobs", "an integer in [0, 20]")
         if self.stop and not self.detokenize:
             raise ValueError("stop strings need detokenize=True")
         if self.json_schema is not None and self.regex is not None:

@@ -7,7 +7,8 @@ how a flag's text becomes its value. From that one declaration come
   an unknown name a TypeError that suggests the closest one;
 - the command-line flags (`add_flags`, `from_namespace`): `name` -> `--kebab-name`, the type from the
   annotation, bools as `--x/--no-x`, defaults from the dataclass, one argument group per sub-config
-  (vLLM's `EngineArgs` pattern).
+  (vLLM's `EngineArgs` pattern); a setting without a default is given as a positional argument or as
+  its flag (`glimpse serve M` is `glimpse serve --model M`, as vLLM accepts both).
 
 It knows no particular configuration, so every layer may declare settings with it; it sits at the
 bottom beside `glimpse.config` and is used by the engine, processing, server, bench and CLI alike.
@@ -51,12 +52,15 @@ def setting(
     rule: Rule | None = None,
     parse: Callable[[str], Any] | None = None,
     metavar: str | None = None,
+    nargs: str | None = None,
 ) -> Any:
     """A dataclass field declared with everything its check and its flag need.
 
     `choices`: the allowed values; `rule`: a test for the others (None always passes, for optional
-    fields); `parse`: flag text -> value where the annotation's type is not enough (e.g. JSON)."""
-    meta = {"help": help, "choices": choices, "rule": rule, "parse": parse, "metavar": metavar}
+    fields); `parse`: flag text -> value where the annotation's type is not enough (e.g. JSON); `nargs`:
+    argparse's, for a flag that takes several words (each is parsed and checked on its own)."""
+    meta = {"help": help, "choices": choices, "rule": rule, "parse": parse, "metavar": metavar,
+            "nargs": nargs}  # fmt: skip
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -186,10 +190,10 @@ def add_flags(
     defaults: dict[str, Any] | None = None,
     only: tuple[str, ...] | None = None,
 ) -> None:
-    """One flag per setting of `cls` (a field without a default is a positional argument), in one
-    argument group per sub-config. `defaults` overrides the dataclass's for this parser (a setting given
-    one is always a flag; `argparse.SUPPRESS` leaves flags not given out of the namespace); `only` keeps
-    the named settings."""
+    """One flag per setting of `cls`, in one argument group per sub-config. A field without a default is
+    required, as a positional argument or as its flag (either, not both). `defaults` overrides the
+    dataclass's for this parser (a setting given one is always a flag; `argparse.SUPPRESS` leaves flags
+    not given out of the namespace); `only` keeps the named settings."""
     defaults = defaults or {}
     groups: dict[tuple[str, ...], Any] = {}
     for path, owner, f, annotation in leaf_fields(cls):
@@ -201,7 +205,11 @@ def add_flags(
         group = groups[path]
         help_text = f.metadata.get("help")
         if f.default is MISSING and f.default_factory is MISSING and f.name not in defaults:
-            group.add_argument(f.name, help=help_text, metavar=f.metadata.get("metavar") or f.name.upper())
+            metavar = f.metadata.get("metavar") or f.name.upper()
+            either = group.add_mutually_exclusive_group(required=True)
+            either.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=help_text, metavar=metavar)
+            either.add_argument(flag_name(f.name), dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
+                                help=f"the same as {metavar}")  # fmt: skip
             continue
         default = defaults.get(f.name, _default(f))
         if default not in (None, argparse.SUPPRESS) and help_text and "default" not in help_text:
@@ -214,6 +222,7 @@ def add_flags(
         group.add_argument(
             flag_name(f.name), dest=f.name, type=_converter(f, kind), default=default, help=help_text,
             choices=f.metadata.get("choices"), metavar=f.metadata.get("metavar"),
+            nargs=f.metadata.get("nargs"),
         )  # fmt: skip
 
 

@@ -83,7 +83,8 @@ def test_frames_come_with_their_true_times(video_file):
 def test_a_clip_for_a_server_samples_back_to_the_same_frames(video_file):
     """What the HTTP client sends: the server, asked for 2x the clip's rate and its frame count, samples
     every frame, labelled with the times the in-process frame list gets."""
-    from glimpse.processing.video import decode_video, separators_for_frame_list
+    from glimpse.processing.video import separators_for_frame_list
+    from glimpse.processing.video_decode import decode_video
 
     clip = media.read_clip(video_file, 30.0, 60.0, 0.3, 8)
     assert clip.times == [30 + 3.75 * k for k in range(8)]

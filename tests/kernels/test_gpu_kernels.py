@@ -9,7 +9,6 @@ The references always run on CPU copies of the inputs, so they never dispatch to
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -23,22 +22,7 @@ from tests.kernels.triton_device import triton_test_device  # noqa: E402
 DEVICE = triton_test_device()
 _INTERPRET = DEVICE == "cpu"
 
-from glimpse.kernels import triton_conv, triton_ssm_update  # noqa: E402
-
-
-@contextlib.contextmanager
-def _kernels_on_cpu():
-    """Interpreter mode: let the wrappers that check `available` take the Triton path on CPU tensors."""
-    if DEVICE == "cuda":
-        yield
-        return
-    saved = triton_ssm_update.available, triton_conv.available
-    triton_ssm_update.available = triton_conv.available = lambda t: True
-    try:
-        yield
-    finally:
-        triton_ssm_update.available, triton_conv.available = saved
-
+from glimpse.kernels import causal_conv1d, ssd, triton_conv, triton_ssm_update  # noqa: E402
 
 BF16_ULP = 2.0**-7  # bf16 keeps 8 significant bits: one ulp is at most 2^-7 of the value
 
@@ -136,10 +120,9 @@ def test_selective_state_update_fused_dt(dt_limit, state_dtype):
     if dt_limit[0] > 0 or math.isfinite(dt_limit[1]):
         dt = dt.clamp(*dt_limit)
     y_ref = ref_state_update(*map(_cpu, (x,)), dt, *map(_cpu, (A, B, C, D)), pool_ref, _cpu(slots))
-    with _kernels_on_cpu():
-        y = triton_ssm_update.selective_state_update_fused_dt(
-            x, dt_raw, dt_bias, A, B, C, D, pool, slots, dt_limit=dt_limit
-        )
+    y = triton_ssm_update.selective_state_update_fused_dt(
+        x, dt_raw, dt_bias, A, B, C, D, pool, slots, dt_limit=dt_limit
+    )
     _close(y, y_ref, BF16_ULP, 1e-4)
     _check_pool(pool, pool_ref, before, slots, state_dtype)
 
@@ -216,14 +199,14 @@ def test_causal_conv1d_update(batch, channels, kernel, has_bias, state_dtype):
     assert torch.equal(_cpu(pool)[untouched], _cpu(before)[untouched])
     assert torch.equal(_cpu(pool), pool_ref), "the shifted window must be exact"
 
-    with _kernels_on_cpu():
-        y_silu = triton_conv.causal_conv1d_update_silu(x, weight, bias, pool_silu, slots)
+    y_silu = triton_conv.causal_conv1d_update_silu(x, weight, bias, pool_silu, slots)
     _close(y_silu, F.silu(y64), BF16_ULP, 1e-6)
     assert torch.equal(_cpu(pool_silu), pool_ref)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="dispatch happens on CUDA tensors only")
 def test_reference_functions_dispatch_to_triton():
+    """The public ops (kernels/ssd.py, kernels/causal_conv1d.py) run the kernels on CUDA: bit-equal results."""
     x, dt_raw, dt_bias, A, B, C, D, pool, slots = _ssm_case(
         4, 16, 80, 2, 128, torch.bfloat16, torch.float32, 6
     )
@@ -232,6 +215,10 @@ def test_reference_functions_dispatch_to_triton():
     y1 = ref_state_update(x, dt, A, B, C, D, p1, slots)
     y2 = triton_ssm_update.selective_state_update(x, dt, A, B, C, D, p2, slots)
     assert torch.equal(y1, y2) and torch.equal(p1, p2)
+    p1, p2 = pool.clone(), pool.clone()
+    y1 = ssd.selective_state_update_fused_dt(x, dt_raw, dt_bias, A, B, C, D, p1, slots)
+    y2 = triton_ssm_update.selective_state_update_fused_dt(x, dt_raw, dt_bias, A, B, C, D, p2, slots)
+    assert torch.equal(y1, y2) and torch.equal(p1, p2)
 
     xc = torch.randn(4, 300, device=DEVICE, dtype=torch.bfloat16)
     w = torch.randn(300, 4, device=DEVICE, dtype=torch.bfloat16)
@@ -239,6 +226,11 @@ def test_reference_functions_dispatch_to_triton():
     c1, c2 = cs.clone(), cs.clone()
     assert torch.equal(
         ref_conv_update(xc, w, None, c1, slots), triton_conv.causal_conv1d_update(xc, w, None, c2, slots)
+    )
+    assert torch.equal(c1, c2)
+    assert torch.equal(
+        causal_conv1d.causal_conv1d_update_silu(xc, w, None, c1, slots),
+        triton_conv.causal_conv1d_update_silu(xc, w, None, c2, slots),
     )
     assert torch.equal(c1, c2)
 

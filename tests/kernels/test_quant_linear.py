@@ -94,7 +94,7 @@ def test_scaled_mm_call_form_on_cpu(monkeypatch):
     weight, s_w = quantize_fp8(w)
     s_in = x.float().abs().max() / 448
     expect = quant_linear.fp8_linear(x, weight, s_w, s_in)
-    monkeypatch.setattr(quant_linear, "_scaled_mm_ok", lambda x, w: True)
+    monkeypatch.setattr(quant_linear, "use_scaled_mm", lambda x, w: True)
     try:
         out = quant_linear.fp8_linear(x, weight, s_w, s_in)
     except (RuntimeError, NotImplementedError) as e:

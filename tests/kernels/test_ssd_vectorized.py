@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from glimpse.bench.kernels.ssd import bench_ssd
 from glimpse.kernels.ssd import ssd_chunk_scan_varlen as reference
-from glimpse.kernels.ssd_vectorized import bench_ssd, ssd_chunk_scan_varlen_vectorized
+from glimpse.kernels.ssd_vectorized import ssd_chunk_scan_varlen_vectorized
 from tests.kernels.fixtures import _one_thread  # noqa: F401  (autouse: one CPU thread)
 from tests.kernels.ssd_inputs import ssd_inputs
 

@@ -21,7 +21,7 @@ from tests.kernels.triton_device import triton_test_device  # noqa: E402
 DEVICE = triton_test_device()
 _INTERPRET = DEVICE == "cpu"
 
-from glimpse.kernels import triton_norms  # noqa: E402
+from glimpse.kernels import backend, triton_norms  # noqa: E402
 
 BF16_ULP = 2.0**-7  # bf16 keeps 8 significant bits: one ulp is at most 2^-7 of the value
 FP16_ULP = 2.0**-10
@@ -34,16 +34,17 @@ TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (BF16_ULP, 1e-2), torch.floa
 
 @contextlib.contextmanager
 def _kernels_on_cpu():
-    """Interpreter mode: let the dispatch in kernels/norms.py take the Triton path on CPU tensors."""
+    """Interpreter mode: let the dispatch in kernels/norms.py take the Triton path on CPU tensors (its
+    dtype rule kept, the CUDA one dropped)."""
     if DEVICE == "cuda":
         yield
         return
-    saved = triton_norms.available
-    triton_norms.available = lambda t: t.dtype in triton_norms.DTYPES
+    saved = ref.use_triton
+    ref.use_triton = lambda *ts: all(t.dtype in triton_norms.DTYPES for t in ts)
     try:
         yield
     finally:
-        triton_norms.available = saved
+        ref.use_triton = saved
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
@@ -203,8 +204,8 @@ def test_gated_rms_norm_extreme_gates():
 
 
 def test_reference_functions_dispatch_to_triton(monkeypatch):
-    """norms.rms_norm / gated_rms_norm / add_rms_norm reach the kernels when `available` (checked by
-    counting launches), and keep the torch path with GLIMPSE_TRITON off (`ENABLED` False)."""
+    """norms.rms_norm / gated_rms_norm / add_rms_norm reach the kernels when `use_triton` says so (checked by
+    counting launches), and keep the torch path with GLIMPSE_TRITON off (`backend.ENABLED` False)."""
     calls = []
     for name in ("rms_norm", "gated_rms_norm", "add_rms_norm"):
         fn = getattr(triton_norms, name)
@@ -225,7 +226,7 @@ def test_reference_functions_dispatch_to_triton(monkeypatch):
         r, y = ref.add_rms_norm(x, d, w, EPS)
         assert torch.equal(_cpu(r), expect[2])
         assert calls == ["rms_norm", "gated_rms_norm", "add_rms_norm"]
-        monkeypatch.setattr(triton_norms, "ENABLED", False)
+        monkeypatch.setattr(backend, "ENABLED", False)
         if DEVICE == "cuda":
             ref.rms_norm(x, w, EPS)
             ref.add_rms_norm(x, d, w, EPS)

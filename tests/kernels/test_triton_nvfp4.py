@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glimpse.kernels import quant_linear
+from glimpse.kernels import backend, quant_linear
 from glimpse.kernels.quant_formats import dequantize_nvfp4, quantize_nvfp4
 from tests.kernels.fixtures import _one_thread  # noqa: F401
 from tests.kernels.triton_device import triton_test_device
@@ -153,21 +153,21 @@ def test_empty_and_bad_shapes():
 
 
 def test_nvfp4_linear_dispatches_to_the_kernel(monkeypatch):
-    """quant_linear.nvfp4_linear calls the kernel when `available` (patched to accept CPU tensors under
-    the interpreter), with leading dims folded into rows, and keeps the reference when GLIMPSE_TRITON is
-    off."""
+    """quant_linear.nvfp4_linear calls the kernel when `use_triton` says so (patched to accept CPU tensors
+    under the interpreter), with leading dims folded into rows, and keeps the reference when GLIMPSE_TRITON
+    is off."""
     x, weight, scale, scale_2 = _case(6, 40, 80, torch.bfloat16, seed=2)
     calls = []
     kernel = triton_nvfp4.nvfp4_matmul
     monkeypatch.setattr(triton_nvfp4, "nvfp4_matmul", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
     if DEVICE == "cpu":
-        monkeypatch.setattr(triton_nvfp4, "available", lambda t: t.dtype in triton_nvfp4.DTYPES)
+        monkeypatch.setattr(quant_linear, "use_triton", lambda t: t.dtype in triton_nvfp4.DTYPES)
     d = [t.to(DEVICE) for t in (x.view(2, 3, 80), weight, scale, scale_2)]
     out = quant_linear.nvfp4_linear(*d)
     assert calls == [1] and out.shape == (2, 3, 40)
     _check(out.view(6, 40), x, weight, scale, scale_2)
     if DEVICE == "cuda":
-        monkeypatch.setattr(triton_nvfp4, "ENABLED", False)
+        monkeypatch.setattr(backend, "ENABLED", False)
         quant_linear.nvfp4_linear(*d)
         assert calls == [1]
 

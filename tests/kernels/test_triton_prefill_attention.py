@@ -23,6 +23,7 @@ DEVICE = triton_test_device()
 _INTERPRET = DEVICE == "cpu"
 
 from glimpse.kernels import attention as torch_attention  # noqa: E402
+from glimpse.kernels import backend  # noqa: E402
 from glimpse.kernels import triton_prefill_attention as tpa  # noqa: E402
 
 BF16_ULP = 2.0**-7  # bf16 keeps 8 significant bits: one ulp is at most 2^-7 of the value
@@ -216,14 +217,42 @@ def test_matches_torch_path():
 
 
 def test_available(monkeypatch):
+    """The shape rule both paged attention kernels share (`attention.use_triton`, which the dispatch in
+    `paged_attention` reads), and the GLIMPSE_TRITON switch it reads (`backend.ENABLED`)."""
     t = torch.empty(3, 4, 64, device=DEVICE)
-    assert not tpa.available(t.cpu())
+    assert not torch_attention.use_triton(t.cpu(), 16)
     if DEVICE == "cuda":
-        assert tpa.available(t, 16)
-        assert not tpa.available(t, 12)  # block size not a power of 2
-        assert not tpa.available(torch.empty(3, 4, 8, device=DEVICE), 16)  # head_dim under 16
-        monkeypatch.setattr(tpa, "ENABLED", False)  # GLIMPSE_TRITON=0
-        assert not tpa.available(t, 16)
+        assert torch_attention.use_triton(t, 16)
+        assert not torch_attention.use_triton(t, 12)  # block size not a power of 2
+        assert not torch_attention.use_triton(torch.empty(3, 4, 8, device=DEVICE), 16)  # head_dim under 16
+        monkeypatch.setattr(backend, "ENABLED", False)  # GLIMPSE_TRITON=0
+        assert not torch_attention.use_triton(t, 16)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the dispatch takes Triton on CUDA tensors only")
+def test_paged_attention_dispatch(monkeypatch):
+    """`attention.paged_attention` runs this kernel for prompt chunks on CUDA, and the torch path once
+    GLIMPSE_TRITON is off; both give the same numbers."""
+    calls = []
+    real = tpa.paged_prefill_attention
+    monkeypatch.setattr(tpa, "paged_prefill_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    case = _case(MIXED[:4], 4, 2, 32, 16, torch.float32, seed=5, table_pad=0)
+    # the torch path gathers whole blocks, so give it a pool without NaN (as in test_matches_torch_path)
+    kc, vc = (torch.nan_to_num(case[k], nan=0.0) for k in ("key_cache", "value_cache"))
+    prefill_tensors = (case["cu_query_lens"], None, case["context_lens"])  # as ForwardBatch.prefill_tensors()
+
+    def run():
+        return torch_attention.paged_attention(
+            case["query"], kc, vc, case["block_tables"], case["query_lens"], case["context_lens_host"],
+            32**-0.5, prefill_tensors=prefill_tensors,
+        )  # fmt: skip
+
+    out = run()
+    assert calls == [1]
+    monkeypatch.setattr(backend, "ENABLED", False)
+    expect = run()
+    assert calls == [1]
+    _close(out, expect, *TOL[torch.float32])
 
 
 def test_rejects_bad_inputs():

@@ -24,7 +24,7 @@ from tests.kernels.triton_device import triton_test_device  # noqa: E402
 DEVICE = triton_test_device()
 _INTERPRET = DEVICE == "cpu"
 
-from glimpse.kernels import triton_ssd  # noqa: E402
+from glimpse.kernels import backend, ssd, triton_ssd  # noqa: E402
 from glimpse.kernels.ssd import ssd_chunk_scan_varlen as reference  # noqa: E402
 from glimpse.kernels.ssd_vectorized import ssd_chunk_scan_varlen_vectorized  # noqa: E402
 
@@ -330,7 +330,8 @@ def test_strided_inputs():
 
 
 def test_dispatch_and_switch(monkeypatch):
-    """`ssd_vectorized` takes the Triton path when `available(x)`; GLIMPSE_TRITON=0 (ENABLED) keeps torch."""
+    """`ssd.ssd_chunk_scan_varlen` takes the Triton path when `use_triton_scan(x)`; GLIMPSE_TRITON=0
+    (`backend.ENABLED` False) keeps torch."""
     calls = []
     real = triton_ssd.ssd_chunk_scan_varlen_triton
 
@@ -340,16 +341,16 @@ def test_dispatch_and_switch(monkeypatch):
 
     monkeypatch.setattr(triton_ssd, "ssd_chunk_scan_varlen_triton", spy)
     args, pool, cu, slots, init = _inputs([9, 3], 4, 2, 4, 16, torch.float32, seed=12)
-    if DEVICE == "cpu":  # interpreter: make CPU tensors count as available
-        monkeypatch.setattr(triton_ssd, "available", lambda t: True)
-    y_ref = reference(*args, pool.clone(), cu, slots, init, 4)
-    y = ssd_chunk_scan_varlen_vectorized(*_dev(*args), pool.to(DEVICE, copy=True), cu, slots, init, 4)
+    y_ref = reference(*args, pool.clone(), cu, slots, init, 4)  # CPU tensors: the reference loops
+    rule = ssd.use_triton_scan
+    if DEVICE == "cpu":  # interpreter: make CPU tensors count as Triton-capable
+        monkeypatch.setattr(ssd, "use_triton_scan", lambda t: True)
+    y = reference(*_dev(*args), pool.to(DEVICE, copy=True), cu, slots, init, 4)
     assert calls and _rel(y, y_ref) <= TIGHT
-    monkeypatch.setattr(triton_ssd, "ENABLED", False)
-    if DEVICE == "cpu":
-        monkeypatch.setattr(triton_ssd, "available", lambda t: triton_ssd.ENABLED and t.is_cuda)
+    monkeypatch.setattr(backend, "ENABLED", False)
+    monkeypatch.setattr(ssd, "use_triton_scan", rule)
     calls.clear()
-    y = ssd_chunk_scan_varlen_vectorized(*_dev(*args), pool.to(DEVICE, copy=True), cu, slots, init, 4)
+    y = reference(*_dev(*args), pool.to(DEVICE, copy=True), cu, slots, init, 4)
     assert not calls and _rel(y, y_ref) <= TIGHT
 
 

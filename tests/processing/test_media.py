@@ -31,12 +31,15 @@ from PIL import Image
 from glimpse.errors import LimitExceededError, MediaError
 from glimpse.processing import media
 from glimpse.processing.media import (
+    Cancellation,
+    Cancelled,
     MediaLimits,
     MediaPolicy,
     content_hash,
     decode_data_uri,
     fetch_bytes,
     load_image,
+    open_image,
     resolve_local_path,
 )
 
@@ -124,6 +127,17 @@ class _Handler(BaseHTTPRequestHandler):
             for _ in range(10):
                 self.wfile.write(b"3e8\r\n" + b"y" * 1000 + b"\r\n")
             self.wfile.write(b"0\r\n\r\n")
+        elif path == "/trickle":  # a 1,000-byte body at one byte per 0.1 s
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            try:
+                for _ in range(1000):
+                    self.wfile.write(b"z")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except OSError:  # the fetcher hung up
+                pass
         else:
             self._send(404, b"not found")
 
@@ -560,6 +574,58 @@ def test_timeout(silent_server: str) -> None:
     with pytest.raises(MediaError, match=r"timed out after 0\.5 s"):
         fetch_bytes(silent_server, OPEN, limits)
     assert time.monotonic() - start < 3.0
+
+
+def cancel_after(seconds: float) -> Cancellation:
+    cancel = Cancellation()
+    threading.Timer(seconds, cancel.set).start()
+    return cancel
+
+
+def test_cancelling_stops_a_trickling_download(server: str) -> None:
+    start = time.monotonic()
+    with pytest.raises(Cancelled):
+        fetch_bytes(f"{server}/trickle", OPEN, cancel=cancel_after(0.3))
+    assert time.monotonic() - start < 2.0  # not the 100 s the body would take
+
+
+def test_cancelling_wakes_a_fetch_waiting_on_a_silent_server(silent_server: str) -> None:
+    """A server that never answers: the fetch is blocked in a read, which the cancellation wakes."""
+    start = time.monotonic()
+    with pytest.raises(Cancelled):
+        fetch_bytes(silent_server, OPEN, MediaLimits(media_fetch_timeout=30), cancel=cancel_after(0.3))
+    assert time.monotonic() - start < 2.0
+
+
+def test_a_cancelled_fetch_never_connects(server: str) -> None:
+    cancel = Cancellation()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        fetch_bytes(f"{server}/img.png", OPEN, cancel=cancel)
+    assert fetch_bytes(f"{server}/img.png", OPEN, cancel=Cancellation()) == PNG  # an unset one: no effect
+
+
+def test_cancellation_hooks() -> None:
+    cancel = Cancellation()
+    calls: list[str] = []
+    with cancel.on_cancel(lambda: calls.append("inside")):
+        pass
+    with cancel.on_cancel(lambda: calls.append("during")):
+        cancel.set()
+        cancel.set()  # a second set runs nothing again
+    with cancel.on_cancel(lambda: calls.append("after")):  # already set: at once
+        pass
+    assert calls == ["during", "after"]
+    assert cancel.is_set()
+    with pytest.raises(Cancelled):
+        cancel.check()
+
+
+def test_open_image_reads_only_the_header() -> None:
+    image = open_image(png_header_only(300, 200))  # no pixel data at all: decoding would fail
+    assert image.size == (300, 200)
+    with pytest.raises(LimitExceededError):
+        open_image(png_header_only(300, 200), MediaLimits(max_image_pixels=50_000))
 
 
 def test_policy_defaults() -> None:

@@ -15,9 +15,11 @@ import torch
 from PIL import Image
 
 from glimpse import LLM, SamplingParams
-from glimpse.errors import LimitExceededError, MediaError
+from glimpse.errors import InvalidRequestError, LimitExceededError, MediaError
 from glimpse.model.batch import ForwardBatch
+from glimpse.processing import multimodal, pdf
 from glimpse.processing.image import tile_grid, tile_image
+from glimpse.processing.multimodal import has_media
 from tests.model.nemotron_reference import new_cache
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
@@ -215,6 +217,64 @@ def test_bad_media_gives_clear_errors(llm, tmp_path):
         llm.chat(user({"type": "file", "file": {"file_data": many}}), GREEDY)
     assert llm.engine.all_memory_free()
     assert llm.chat(user({"type": "text", "text": "still fine"}), GREEDY)[0].finished
+
+
+def test_text_can_not_form_a_media_placeholder(llm):
+    """Text shaped like the processor's markers (with or without an image attached) stays text: the
+    image is in the prompt once, and a marker with no image is no error."""
+    ctx = llm.get_tokenizer().convert_tokens_to_ids("<image>")
+    marker = "\x00media0\x00"
+    alone = llm.chat(user({"type": "text", "text": "look: " + marker.replace("0", "7")}), GREEDY)[0]
+    assert alone.media == [] and ctx not in alone.prompt_token_ids
+    img = image_part(image(64, 64, 4))
+    system = {"role": "system", "content": marker * 5}
+    out = llm.chat([system, *user(img, {"type": "text", "text": "compare " + marker * 50})], GREEDY)[0]
+    assert len(out.media) == 1 and runs_of(out.prompt_token_ids, ctx) == [256]
+
+
+def test_identical_images_are_decoded_once(llm, monkeypatch):
+    decoded = []
+    real = multimodal.finish_image
+    monkeypatch.setattr(multimodal, "finish_image", lambda *args: decoded.append(1) or real(*args))
+    same, other = image_part(image(1024, 512, 7)), image_part(image(64, 64, 8))
+    out = llm.chat(user(same, other, same, same, {"type": "text", "text": "Compare."}), GREEDY)[0]
+    assert len(decoded) == 2  # one per distinct image
+    assert [m["tiles"] for m in out.media] == [3, 1, 3, 3]
+    ctx = llm.get_tokenizer().convert_tokens_to_ids("<image>")
+    assert runs_of(out.prompt_token_ids, ctx) == [768, 256, 768, 768]
+
+
+def test_media_over_the_context_is_refused_before_decoding(llm, tmp_path, monkeypatch):
+    """The tokens media will take are counted from page sizes, image headers and the frames a video's
+    metadata gives, and the request is refused (400) before anything over the context is decoded."""
+    drawn = []
+    real_render = pdf._render_page
+    monkeypatch.setattr(pdf, "_render_page", lambda *args: drawn.append(1) or real_render(*args))
+    pages = "data:application/pdf;base64," + base64.b64encode(pdf_bytes(5)).decode()  # 5 x 13 tiles
+    with pytest.raises(InvalidRequestError, match="16640 prompt tokens.*16384 tokens"):
+        llm.chat(user({"type": "file", "file": {"file_data": pages}}), GREEDY)
+    assert drawn == []
+
+    decoded = []
+    real_finish = multimodal.finish_image
+    monkeypatch.setattr(multimodal, "finish_image", lambda *args: decoded.append(1) or real_finish(*args))
+    big = [image_part(image(2048, 1536, i)) for i in range(6)]  # 13 tiles each: the fifth is over
+    with pytest.raises(InvalidRequestError, match="context"):
+        llm.chat(user(*big), GREEDY)
+    assert len(decoded) == 4
+
+    video = {"type": "video_url", "video_url": {"url": mp4(tmp_path / "long.mp4", frames=160, fps=4)}}
+    with pytest.raises(InvalidRequestError, match="context"):  # 40 s at 2 fps: 80 frames, 20,480 tokens
+        llm.chat(user(video), GREEDY)
+    pruned = llm.chat(user(video), GREEDY, video_pruning_rate=0.5)[0]  # EVS keeps 10,240 of them
+    assert pruned.video_tokens == {"total": 80 * 256, "kept": 40 * 256}
+    assert llm.engine.all_memory_free()
+
+
+def test_has_media():
+    assert not has_media([{"role": "user", "content": "hi"}])
+    assert not has_media([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+    assert has_media([{"role": "system", "content": "x"}, user(image_part(image(8, 8, 0)))[0]])
 
 
 def test_a_long_video_is_encoded_a_group_at_a_time_between_other_work():

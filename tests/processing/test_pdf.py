@@ -8,6 +8,8 @@ import pypdfium2 as pdfium
 import pytest
 
 from glimpse.errors import LimitExceededError, MediaError
+from glimpse.processing import pdf
+from glimpse.processing.media import Cancellation, Cancelled
 from glimpse.processing.pdf import pdf_page_count, render_pdf
 
 LETTER = (612, 792)  # points
@@ -79,3 +81,29 @@ def test_corrupt_pdf() -> None:
         render_pdf(b"%PDF-1.7\n" + b"garbage " * 50)
     with pytest.raises(MediaError):
         pdf_page_count(data[:40])
+
+
+def test_page_sizes_are_known_before_rendering(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`before_rendering` sees every page's pixel size, exactly as rendered, before any page is drawn."""
+    data = make_pdf(LETTER, A4, (14400, 14400), LETTER, rotate_first=90)
+    seen: list[list[tuple[int, int]]] = []
+    pages = render_pdf(data, max_page_pixels=1_000_000, before_rendering=seen.append)
+    assert seen == [[p.size for p in pages]]
+
+    drawn = []
+    real = pdf._render_page
+    monkeypatch.setattr(pdf, "_render_page", lambda *args: drawn.append(1) or real(*args))
+
+    def refuse(sizes: list[tuple[int, int]]) -> None:
+        raise LimitExceededError(f"{len(sizes)} pages are too many tiles")
+
+    with pytest.raises(LimitExceededError, match="4 pages"):
+        render_pdf(data, before_rendering=refuse)
+    assert drawn == []
+
+
+def test_cancelled_rendering_stops_between_pages() -> None:
+    cancel = Cancellation()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        render_pdf(make_pdf(LETTER, LETTER), cancel=cancel)

@@ -22,6 +22,7 @@ from PIL import Image
 
 from glimpse.errors import InvalidRequestError, LimitExceededError, MediaError
 from glimpse.processing import video_decode
+from glimpse.processing.media import Cancellation, Cancelled
 from glimpse.processing.video import (
     IMAGE_TOKEN,
     PromptPiece,
@@ -29,6 +30,7 @@ from glimpse.processing.video import (
     frame_prompt_text,
     pieces_to_text,
     sample_frames,
+    sampled_count,
     separators_for_frame_list,
 )
 from glimpse.processing.video_decode import decode_video
@@ -272,6 +274,22 @@ def test_sample_frames_rejects_bad_arguments():
         sample_frames(0, 30.0)
     with pytest.raises(MediaError):
         sample_frames(100, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("total", "original_fps", "fps", "num_frames"),
+    [(90, 30.0, 2, 128), (10, 5.0, 10, 128), (14400, 2.0, 2, 128), (3, 30.0, 2, 128), (1000, 30.0, 50, 7)],
+)
+def test_sampled_count_is_what_sampling_picks(total, original_fps, fps, num_frames):
+    assert sampled_count(total, original_fps, fps, num_frames) == len(
+        sample_frames(total, original_fps, fps, num_frames)[0]
+    )
+
+
+def test_sampled_count_of_absurd_metadata_is_cheap():
+    """A header may claim anything: the count comes without allocating a frame list, and never overflows."""
+    assert sampled_count(10**15, 1e-300, fps=1e6, num_frames=10**12) == 10**12
+    assert sampled_count(10**15, 30.0, fps=2, num_frames=128) == 128
 
 
 def test_separators_for_frame_list():
@@ -583,6 +601,74 @@ def test_limits_are_413(short_mp4):
     with pytest.raises(LimitExceededError, match="6 frames"):
         decode_video(short_mp4, max_frames=5)
     assert decode_video(short_mp4, max_frames=6, max_seconds=3).num_frames == 6
+
+
+def without_pictures(video: bytes) -> bytes:
+    """The same MP4 with its coded pictures zeroed: the metadata is intact, no frame decodes."""
+    at = video.find(b"mdat")
+    size = int.from_bytes(video[at - 4 : at], "big")
+    return video[: at + 4] + bytes(size - 8) + video[at - 4 + size :]
+
+
+def test_limits_are_checked_from_the_metadata_before_decoding(short_mp4):
+    """The frame count the file states decides: a clip whose pictures can't be decoded gets the same
+    413 as the intact one, and `before_decoding` sees the count first and may refuse."""
+    broken = without_pictures(short_mp4.read_bytes())
+    with pytest.raises(MediaError):
+        decode_video(broken)  # nothing decodes
+    for data in (short_mp4.read_bytes(), broken):
+        with pytest.raises(LimitExceededError, match="6 frames"):
+            decode_video(data, max_frames=5)
+        with pytest.raises(LimitExceededError, match="3.0 s long"):
+            decode_video(data, max_seconds=2)
+
+    def refuse(count: int) -> None:
+        raise LimitExceededError(f"{count} frames would not fit")
+
+    with pytest.raises(LimitExceededError, match="6 frames would not fit"):
+        decode_video(broken, before_decoding=refuse)
+    counts: list[int] = []
+    assert decode_video(short_mp4, before_decoding=counts.append).num_frames == 6
+    assert counts == [6]
+
+
+@pytest.mark.parametrize("name", ["offset_mkv", "offset_ts"])
+def test_limits_without_a_frame_count_come_from_the_duration(name, request, monkeypatch):
+    """Matroska and MPEG-TS state no frame count: their duration refuses a clip over the limits before a
+    frame is decoded, and one at the limits is still decoded (the estimate never refuses too much)."""
+    path = request.getfixturevalue(name)
+    decoded = []
+    real_next = video_decode._FrameReader._next
+    monkeypatch.setattr(video_decode._FrameReader, "_next", lambda self: decoded.append(1) or real_next(self))
+    with pytest.raises(LimitExceededError, match="sampling this video gives"):
+        decode_video(path, fps=2, max_frames=10)
+    with pytest.raises(LimitExceededError, match="s long"):
+        decode_video(path, max_seconds=5)
+    assert decoded == []
+    counts: list[int] = []
+    clip = decode_video(path, fps=2, max_frames=20, max_seconds=10, before_decoding=counts.append)
+    assert clip.num_frames == 20
+    assert counts == [20]
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_a_cancelled_decode_stops(long_mp4, always_parallel, monkeypatch, workers):
+    """Cancelling (the request is gone) stops every decoding thread at its next frame."""
+    cancel = Cancellation()
+    real_to_array = video_decode._to_array
+    converted: list[int] = []
+
+    def to_array(frame, size):
+        converted.append(1)
+        if len(converted) == 3:
+            cancel.set()
+        return real_to_array(frame, size)
+
+    monkeypatch.setattr(video_decode, "_to_array", to_array)
+    with pytest.raises(Cancelled):
+        decode_video(long_mp4, workers=workers, cancel=cancel)
+    assert len(converted) < 3 + workers, f"{len(converted)} of 128 frames converted after the cancellation"
+    assert not video_threads()
 
 
 def test_bad_sampling_arguments_are_400(short_mp4):

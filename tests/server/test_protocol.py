@@ -28,6 +28,7 @@ from glimpse.server.protocol import (
     InputFilePart,
     ModelCard,
     ModelList,
+    RequestSize,
     SystemMessage,
     TextPart,
     ToolMessage,
@@ -208,6 +209,9 @@ def test_assistant_arguments_given_as_object_become_a_string():
 def test_unknown_fields_are_ignored():
     req = chat(store=True, metadata={"a": "b"}, reasoning_effort="low", service_tier="auto")
     assert not hasattr(req, "store")
+    # ... but named, so the server can warn about them.
+    assert set(req.unknown_fields) == {"store", "metadata", "reasoning_effort", "service_tier"}
+    assert "store" not in req.model_dump() and chat().unknown_fields == {}
 
 
 # ---------------------------------------------------------------- to_sampling_params
@@ -232,11 +236,19 @@ def test_max_completion_tokens_is_an_alias_of_max_tokens():
     assert to_sampling_params(chat(max_tokens=30, max_completion_tokens=40)).max_tokens == 40
 
 
-def test_max_tokens_capped_by_room_in_context_and_server_default():
+def test_max_tokens_checked_against_room_in_context_and_default_capped():
     assert to_sampling_params(chat(), default_max_tokens=100).max_tokens == 100
-    assert to_sampling_params(chat(max_tokens=500), default_max_tokens=100).max_tokens == 100
     assert to_sampling_params(chat(max_tokens=50), default_max_tokens=100).max_tokens == 50
+    assert to_sampling_params(chat(max_tokens=100), default_max_tokens=100).max_tokens == 100
     assert to_sampling_params(chat(), 100, defaults={"max_tokens": 64}).max_tokens == 64
+    # As vLLM: a length the client asked for that does not fit is a 400 naming the field and the context.
+    err = bad(to_sampling_params, chat(max_tokens=500), default_max_tokens=100, max_model_len=1000)
+    assert err.param == "max_tokens" and "500" in err.message and "1000" in err.message
+    err = bad(to_sampling_params, chat(max_completion_tokens=101), default_max_tokens=100)
+    assert err.param == "max_completion_tokens"
+    assert bad(to_sampling_params, completion(max_tokens=17), default_max_tokens=16).param == "max_tokens"
+    # Completions' default of 16 was not asked for: it is capped.
+    assert to_sampling_params(completion(), default_max_tokens=5).max_tokens == 5
     err = bad(to_sampling_params, chat(), 0)
     assert err.param == "messages"
     assert bad(to_sampling_params, completion(), 0).param == "prompt"
@@ -294,11 +306,6 @@ def test_chat_logprobs_map_to_top_k():
     [
         ({"response_format": {"type": "text"}}, None, None),
         ({"response_format": {"type": "json_object"}}, {"type": "object"}, None),
-        (
-            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
-            {"type": "object"},
-            None,
-        ),
         ({"structured_outputs": {"regex": "[0-9]+"}}, None, "[0-9]+"),
         ({"structured_outputs": {"json": {"type": "integer"}}}, {"type": "integer"}, None),
         ({"structured_outputs": {"json": '{"type": "string"}'}}, {"type": "string"}, None),
@@ -329,6 +336,15 @@ def test_completion_mapping():
     assert to_sampling_params(completion(logprobs=3), default_max_tokens=5).max_tokens == 5
 
 
+def test_echo_with_logprobs_and_max_tokens_zero():
+    """[G8] echo with logprobs is accepted (the prompt's logprobs are computed); max_tokens 0 is allowed
+    with echo only, and the engine then draws one token that is not returned."""
+    req = completion(echo=True, logprobs=2, max_tokens=0)
+    assert req.echo_only and to_sampling_params(req, 200).max_tokens == 1
+    assert not completion(echo=True, logprobs=2).echo_only
+    assert bad(completion, max_tokens=0).param == "max_tokens"
+
+
 @pytest.mark.parametrize(
     ("prompt", "expected"),
     [
@@ -341,6 +357,35 @@ def test_completion_mapping():
 )
 def test_completion_prompt_forms(prompt, expected):
     assert completion(prompt=prompt).prompts() == expected
+
+
+def test_request_size_of_a_validated_request():
+    assert RequestSize.of(completion(prompt=["ab", "abcd", "a"], n=2)) == RequestSize("prompt", 3, 2, 4, 0)
+    assert RequestSize.of(completion(prompt=[[1], [1, 2, 3]])) == RequestSize("prompt", 2, 1, 0, 3)
+    assert RequestSize.of(completion(prompt=[1, 2])) == RequestSize("prompt", 1, 1, 0, 2)
+    text = [{"type": "text", "text": "abc"}, {"type": "image_url", "image_url": "u"}]
+    messages = [{"role": "system", "content": "12345"}, {"role": "user", "content": text}]
+    assert RequestSize.of(chat(messages=messages, n=3)) == RequestSize("messages", 1, 3, 8, 0)
+
+
+def test_request_size_glanced_from_the_start_of_a_large_body():
+    """Only the first megabyte is parsed: the numbers are what it shows (lower bounds)."""
+    batch = json.dumps({"prompt": [list(range(10))] * 2_000_000, "n": 2}).encode()  # 66 MB
+    size = RequestSize.glance(batch, chat=False)
+    assert size.partial and size.param == "prompt" and 10_000 < size.prompts < 100_000 and size.n == 1
+    text = json.dumps({"n": 2, "prompt": "x" * 5_000_000}).encode()
+    assert RequestSize.glance(text, chat=False).text_chars > 1_000_000
+    assert (
+        RequestSize.glance(json.dumps({"prompt": [7] * 2_000_000}).encode(), chat=False).token_ids > 100_000
+    )
+    parts = [{"type": "text", "text": "y" * 600_000}, {"type": "image_url", "image_url": "u"}]
+    body = json.dumps({"messages": [{"role": "user", "content": "z" * 300_000}, {"role": "user", "content": parts},
+                                    {"role": "assistant", "content": "w" * 900_000}]}).encode()  # fmt: skip
+    size = RequestSize.glance(body, chat=True)
+    assert size.param == "messages" and size.n == 1 and 1_000_000 < size.text_chars < 1_800_000
+    assert RequestSize.glance(b"[1, 2, 3" + b" " * 2_000_000, chat=False) is None
+    assert RequestSize.glance(b"not json at all", chat=True) is None
+    assert RequestSize.glance(json.dumps({"prompt": [], "x": "y" * 2_000_000}).encode(), chat=False) is None
 
 
 # ---------------------------------------------------------------- errors
@@ -384,6 +429,15 @@ def test_completion_prompt_forms(prompt, expected):
             "tool_choice",
         ),
         ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+        ({"presence_penalty": -float("inf")}, "presence_penalty"),
+        ({"video_pruning_rate": float("nan")}, "video_pruning_rate"),
+        ({"structured_outputs": {"json": {"maximum": float("inf")}}}, "structured_outputs.json"),
+        ({"chat_template_kwargs": {"x": [1, float("nan")]}}, "chat_template_kwargs"),
+        ({"media_io_kwargs": {"video": {"fps": float("inf")}}}, "media_io_kwargs.video"),
         ({"response_format": {"type": "xml"}}, "response_format.type"),
         (
             {"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
@@ -467,7 +521,6 @@ def test_error_messages_say_what_is_allowed():
     ("fields", "param"),
     [
         ({"suffix": "end"}, "suffix"),
-        ({"echo": True, "logprobs": 1}, "echo"),
         ({"prompt": []}, "prompt"),
         ({"prompt": [[1], []]}, "prompt"),
         ({"prompt": [1, "a"]}, "prompt.0"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from types import SimpleNamespace
 
 import httpx
@@ -31,6 +32,9 @@ class FakeTokenizer:
 
     def decode(self, ids) -> str:
         return "".join(chr(i) for i in ids)
+
+    def get_vocab(self) -> dict[str, int]:
+        return {chr(i - 1): i for i in range(1, 251)}  # one character a token
 
 
 class FakeProcessor:
@@ -70,7 +74,7 @@ class FakeLLM:
     def process(self, prompt) -> ProcessedInput:
         return self.processor.from_prompt(prompt)
 
-    def process_chat(self, messages, **kwargs) -> ProcessedInput:
+    async def process_chat(self, messages, **kwargs) -> ProcessedInput:
         return self.processor.from_messages(messages, **kwargs)
 
     def shutdown(self) -> None:
@@ -95,7 +99,8 @@ class FakeLLM:
             self.active -= 1
 
 
-def make_client(test_hooks: bool = False, **limits) -> tuple[httpx.AsyncClient, FakeLLM]:
+def make_app(test_hooks: bool = False, context: dict | None = None, **limits):
+    """The app around a FakeLLM; `context`: more ServingContext fields (caps), `limits`: media limits."""
     llm = FakeLLM()
     ctx = ServingContext(
         llm=llm,  # type: ignore[arg-type]
@@ -103,8 +108,15 @@ def make_client(test_hooks: bool = False, **limits) -> tuple[httpx.AsyncClient, 
         media_limits=MediaLimits(**limits),
         metrics=ServerMetrics("fake", llm.engine.stats, llm.is_idle),
         test_hooks=test_hooks,
+        **(context or {}),
     )
-    app = build_app(ctx)
+    return build_app(ctx), llm
+
+
+def make_client(
+    test_hooks: bool = False, context: dict | None = None, **limits
+) -> tuple[httpx.AsyncClient, FakeLLM]:
+    app, llm = make_app(test_hooks, context, **limits)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test"), llm
 
 
@@ -245,6 +257,100 @@ def test_completions_batch_indices_and_usage():
     assert sorted(c["index"] for c in r["choices"]) == [0, 1, 2, 3]
     assert r["usage"] == {"prompt_tokens": 3, "completion_tokens": 12, "total_tokens": 15,
                           "prompt_tokens_details": {"cached_tokens": 0}}  # fmt: skip
+
+
+def test_batches_over_the_caps_are_refused_before_any_prompt_is_processed():
+    caps = {"max_prompts_per_request": 3, "max_sequences_per_request": 4}
+
+    async def go(path, body):
+        client, llm = make_client(context=caps)
+        async with client:
+            r = await client.post(path, json=body)
+        return r, llm
+
+    r, llm = run(go("/v1/completions", {"prompt": [[5]] * 4}))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and not llm.params
+    assert "at most 3" in r.json()["error"]["message"]
+    r, llm = run(go("/v1/completions", {"prompt": ["a", "b"], "n": 3}))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n" and not llm.params
+    assert "6 sequences" in r.json()["error"]["message"] and "at most 4" in r.json()["error"]["message"]
+    r, llm = run(go("/v1/chat/completions", {**CHAT, "n": 5}))
+    assert r.status_code == 400 and llm.processor.calls == 0
+    r, llm = run(go("/v1/completions", {"prompt": [[5], [6]], "n": 2}))
+    assert r.status_code == 200 and len(r.json()["choices"]) == 4
+
+
+def test_text_over_the_context_is_refused_by_its_length_before_tokenising():
+    """The fake context is 64 tokens of at most one character: 63 characters is the most a prompt can be."""
+    tokenised = []
+
+    async def go(path, body):
+        client, llm = make_client()
+        llm.processor.from_prompt = lambda prompt: tokenised.append(prompt)
+        async with client:
+            r = await client.post(path, json=body)
+        return r, llm
+
+    r, _ = run(go("/v1/completions", {"prompt": ["ok", "x" * 64]}))
+    assert r.status_code == 400 and "64 characters" in r.json()["error"]["message"] and not tokenised
+    r, _ = run(go("/v1/completions", {"prompt": "x" * 64}))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and not tokenised
+    long = [{"type": "text", "text": "x" * 40}, {"type": "text", "text": "y" * 24}]
+    r, llm = run(go("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": long}]}))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages" and llm.processor.calls == 0
+
+
+def test_max_tokens_over_the_room_left_is_refused():
+    async def go(body):
+        client, _ = make_client()
+        async with client:
+            return await client.post("/v1/completions", json=body)
+
+    r = run(go({"prompt": "abc", "max_tokens": 62}))  # 3 + 62 > 64
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "max_tokens" and "64" in err["message"]
+    assert run(go({"prompt": "abc", "max_tokens": 61})).status_code == 200
+    assert run(go({"prompt": "x" * 60})).status_code == 200  # the default 16 is capped to the 4 left
+
+
+def test_client_gone_while_sending_its_body_is_no_error(caplog):
+    """A client that hangs up halfway through its body gets a quiet 499: no 500, no traceback."""
+    app, _ = make_app()
+    incoming = [
+        {"type": "http.request", "body": b'{"model": "fake", "messa', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent = []
+
+    async def receive():
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 1), "server": ("test", 80)}  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="glimpse"):
+        run(app(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+def test_refusals_and_unknown_fields_are_logged(caplog):
+    async def go():
+        client, _ = make_client()
+        async with client:
+            await client.post("/v1/chat/completions", json={**CHAT, "model": "other\x1b[31m"})
+            await client.post("/v1/completions", json={"prompt": "x", "zorp": 1, "frob\nnicate": 2})
+
+    with caplog.at_level(logging.INFO, logger="glimpse"):
+        run(go())
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "POST /v1/chat/completions -> 404: the model 'other\\x1b[31m' does not exist" in text
+    assert "\x1b" not in text  # a client's control characters are escaped
+    assert "ignored unknown fields 'zorp', 'frob\\nnicate'" in text
 
 
 def test_merge_streams_closes_everything_on_early_exit():

@@ -50,14 +50,14 @@ def server():
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from glimpse.loader import resolve_model_path
+    from glimpse.model.loading import resolve_model_path
 
     return AutoTokenizer.from_pretrained(str(resolve_model_path("tiny")))
 
 
 @pytest.fixture(scope="module")
 def flags_server(tmp_path_factory):
-    from glimpse.loader import resolve_model_path
+    from glimpse.model.loading import resolve_model_path
 
     download = tmp_path_factory.mktemp("downloads")
     s = launch([

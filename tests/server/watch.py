@@ -75,12 +75,23 @@ class Watch:
                          threading.Thread(target=self._poll_rss, daemon=True)]  # fmt: skip
         for t in self._threads:
             t.start()
+        self._wait_for_polls(1)  # measuring before the request starts: a fast refusal is still watched
         return self
 
     def __exit__(self, *exc) -> None:
+        # A request refused within milliseconds ends before the second poll: wait for it (it measures
+        # the server just after the request), so that check_health judges the server, not its speed.
+        deadline = time.monotonic() + 10
+        while len(self.latencies) < 2 and time.monotonic() < deadline:
+            time.sleep(HEALTH_POLL_S / 5)
         self._stop.set()
         for t in self._threads:
             t.join(timeout=15)
+
+    def _wait_for_polls(self, count: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.latencies) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def _poll_health(self) -> None:
         with httpx.Client(timeout=10) as client:

@@ -36,7 +36,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--concurrency", type=int, default=16, help="requests in flight to the server (default 16)"
     )
-    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: 0)")
     g.add_argument(
         "--cache-dir",
         type=Path,

@@ -9,34 +9,11 @@ prefill floor = FLOPs / measured bf16 matrix rate:
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable
-
 import torch
 
+from glimpse.bench.timing import time_eager
 from glimpse.config import NemotronHConfig
 from glimpse.engine.cache import kv_bytes_per_token, state_bytes_per_sequence
-
-
-def sync(device: torch.device) -> None:
-    """Wait for the device: its work is asynchronous, so host clocks need this around timed regions."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
-    """Median wall time of `fn` over `repeats` runs after `warmup` ones, and every run's time."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2], times
 
 
 def measure_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
@@ -44,7 +21,7 @@ def measure_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
     nbytes = nbytes or ((2 << 30) if device.type == "cuda" else (64 << 20))
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
-    seconds, _ = median_seconds(lambda: dst.copy_(src), device, 10)
+    seconds = time_eager(lambda: dst.copy_(src), reps=10, device=device).seconds
     return 2 * nbytes / seconds
 
 
@@ -54,7 +31,7 @@ def measure_matmul_rate(device: torch.device, n: int | None = None) -> float:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
-    seconds, _ = median_seconds(lambda: a @ b, device, 10)
+    seconds = time_eager(lambda: a @ b, reps=10, device=device).seconds
     return 2 * n**3 / seconds
 
 
@@ -67,8 +44,16 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def non_embedding_params(model: torch.nn.Module) -> int:
+    """Multiply-adds per token, as parameters: a quantised linear counts its logical in x out weights, not
+    its packed bytes and scales."""
     lm = getattr(model, "language_model", model)
-    return sum(p.numel() for p in lm.parameters()) - lm.backbone.embeddings.weight.numel()
+    total = 0
+    for module in lm.modules():
+        if hasattr(module, "in_features") and hasattr(module, "out_features"):
+            total += module.in_features * module.out_features
+        else:
+            total += sum(p.numel() for p in module.parameters(recurse=False))
+    return total - lm.backbone.embeddings.weight.numel()
 
 
 def decode_step_bytes(
@@ -87,26 +72,3 @@ def prefill_flops(model: torch.nn.Module, config: NemotronHConfig, tokens: int) 
         config.num_attention_layers * 2 * tokens * tokens * config.num_attention_heads * config.head_dim
     )
     return linear + attention
-
-
-def time_graph(calls: list[Callable[[], object]], reps: int = 20, warmup: int = 3) -> float:
-    """Median ms per call: the calls captured once in a CUDA graph, the graph replayed `reps` times."""
-    for c in calls:  # compile and warm outside the capture
-        c()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    for _ in range(warmup):
-        graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    del graph
-    return statistics.median(times) / len(calls)

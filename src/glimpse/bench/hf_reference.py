@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 
 import torch
+
+from glimpse.bench.timing import time_eager
 
 
 def build(arch: str | None, device: torch.device, dtype: torch.dtype):
@@ -34,24 +35,18 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, cfg = build(a.random_weights, device, dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     ids = torch.randint(10, cfg.vocab_size, (1, a.prompt), device=device)
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=4, do_sample=False, min_new_tokens=4)
-        sync()
-        t = time.perf_counter()
-        model.generate(ids, max_new_tokens=a.decode, min_new_tokens=a.decode, do_sample=False)
-        sync()
-        seconds = time.perf_counter() - t
+        seconds = time_eager(
+            lambda: model.generate(ids, max_new_tokens=a.decode, min_new_tokens=a.decode, do_sample=False),
+            reps=1, warmup=0, device=device,
+        ).seconds  # fmt: skip
         print(json.dumps({"scenario": "hf-reference-decode", "batch": 1, "prompt_len": a.prompt,
                           "tokens": a.decode, "tokens_per_s": a.decode / seconds}), flush=True)  # fmt: skip
         long = torch.randint(10, cfg.vocab_size, (1, a.prefill), device=device)
         model(long[:, :256])
-        sync()
-        t = time.perf_counter()
-        model(long, logits_to_keep=1)
-        sync()
-        seconds = time.perf_counter() - t
+        seconds = time_eager(lambda: model(long, logits_to_keep=1), reps=1, warmup=0, device=device).seconds
         print(json.dumps({"scenario": "hf-reference-prefill", "tokens": a.prefill, "seconds": seconds,
                           "tokens_per_s": a.prefill / seconds}), flush=True)  # fmt: skip
 

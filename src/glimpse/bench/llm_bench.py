@@ -8,15 +8,17 @@ random tokens, so no cache can serve it.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from glimpse.bench import floors
+from glimpse.bench.timing import time_eager
+from glimpse.engine.cache import allocate_cache_tensors
 from glimpse.engine.config import EngineConfig
 from glimpse.engine.engine import LLMEngine
+from glimpse.model.batch import ForwardBatch
 from glimpse.sampling_params import SamplingParams
 
 
@@ -63,15 +65,15 @@ def decode_throughput(
         seqs = [s for r in engine.requests.values() for s in r.sequences]
         while any(s.is_prefilling or s.slot is None for s in seqs):
             engine.step()
-        floors.sync(ctx.device)
-        steps, t0 = 0, time.perf_counter()
-        contexts = []
-        while all(not s.is_finished for s in seqs):
-            contexts.append(sum(s.num_tokens for s in seqs) / len(seqs))
-            engine.step()
-            steps += 1
-        floors.sync(ctx.device)
-        seconds = time.perf_counter() - t0
+        contexts = []  # the mean context of each timed step
+
+        def decode_steps() -> None:
+            while all(not s.is_finished for s in seqs):
+                contexts.append(sum(s.num_tokens for s in seqs) / len(seqs))
+                engine.step()
+
+        seconds = time_eager(decode_steps, reps=1, warmup=0, device=ctx.device).seconds
+        steps = len(contexts)
         while engine.has_unfinished():
             engine.step()
         ssm = torch.float32 if ssm_dtype == "float32" else torch.bfloat16
@@ -102,13 +104,13 @@ def prefill(ctx: BenchContext, length: int, max_num_batched_tokens: int | None =
         while engine.has_unfinished():
             engine.step()
         prompt = _prompts(1, length, config.vocab_size, ctx.seed + length)[0]
-        floors.sync(ctx.device)
-        t0 = time.perf_counter()
-        engine.add_request("p", prompt, params)
-        while engine.has_unfinished():
-            engine.step()
-        floors.sync(ctx.device)
-        seconds = time.perf_counter() - t0
+
+        def run_prompt() -> None:
+            engine.add_request("p", prompt, params)
+            while engine.has_unfinished():
+                engine.step()
+
+        seconds = time_eager(run_prompt, reps=1, warmup=0, device=ctx.device).seconds
         flops = floors.prefill_flops(ctx.model, config, length)
         floor_s = flops / ctx.matmul_rate
         return {
@@ -123,9 +125,6 @@ def prefill(ctx: BenchContext, length: int, max_num_batched_tokens: int | None =
 @torch.inference_mode()
 def ssm_state_drift(ctx: BenchContext, prompt_len: int, steps: int) -> dict:
     """Logits with a bf16 SSM state against fp32, over `steps` decode steps fed the same (fp32-greedy) tokens."""
-    from glimpse.engine.cache import allocate_cache_tensors
-    from glimpse.model.batch import ForwardBatch
-
     config = ctx.model.llm_config
     dev = ctx.device
     prompt = _prompts(1, prompt_len, config.vocab_size, ctx.seed + 7)[0]

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from glimpse.bench import floors
 from glimpse.bench.llm_bench import BenchContext, _engine, _prompts
+from glimpse.bench.random_model import random_model
+from glimpse.bench.timing import sets_over_l2, sync, time_eager, time_graph
 from glimpse.sampling_params import SamplingParams
 
 
@@ -43,17 +45,12 @@ def profile_decode(ctx: BenchContext, batch: int, prompt_len: int, ssm_dtype: st
             engine.step()
         for _ in range(10):  # warm: graphs captured, allocator settled
             engine.step()
-        floors.sync(ctx.device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            engine.step()
-        floors.sync(ctx.device)
-        step_ms = (time.perf_counter() - t0) / steps * 1e3
+        step_ms = time_eager([engine.step] * steps, reps=1, warmup=0, device=ctx.device).ms
         acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=acts) as prof:
             for _ in range(steps):
                 engine.step()
-            floors.sync(ctx.device)
+            sync(ctx.device)
         gpu_ms = _kernel_total_us(prof) / steps / 1e3
         head = (f"== decode batch {batch}, ssm {ssm_dtype}, {'eager' if eager else 'CUDA graphs'}: "
                 f"{step_ms:.2f} ms/step unprofiled; kernels {gpu_ms:.2f} ms/step\n")  # fmt: skip
@@ -71,15 +68,15 @@ def profile_prefill(ctx: BenchContext, length: int) -> str:
             engine.add_request(f"w{i}", _prompts(1, length, config.vocab_size, ctx.seed + 100 + i)[0], params)
             while engine.has_unfinished():
                 engine.step()
-        floors.sync(ctx.device)
         acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         engine.add_request("p", _prompts(1, length, config.vocab_size, ctx.seed + length)[0], params)
-        t0 = time.perf_counter()
-        with torch.profiler.profile(activities=acts) as prof:
+
+        def run_prompt() -> None:
             while engine.has_unfinished():
                 engine.step()
-            floors.sync(ctx.device)
-        wall = time.perf_counter() - t0
+
+        with torch.profiler.profile(activities=acts) as prof:
+            wall = time_eager(run_prompt, reps=1, warmup=0, device=ctx.device).seconds
         gpu_ms = _kernel_total_us(prof) / 1e3
         return f"== prefill {length}: {wall * 1e3:.1f} ms profiled wall; kernels {gpu_ms:.1f} ms\n" + _table(prof, 45)
     finally:
@@ -110,7 +107,7 @@ def profile_vision(device: torch.device, batch: int = 64, size: int = 512, varia
             with torch.inference_mode(), sdpa_kernel(backends[backend]) if backend else contextlib.nullcontext():
                 for _ in range(2):
                     vit(pixels)
-                seconds, _ = floors.median_seconds(lambda: vit(pixels), device, 5)
+                seconds = time_eager(lambda: vit(pixels), reps=5, device=device).seconds
             lines.append(f"vision {variant}: {seconds * 1e3:.1f} ms per {batch} tiles, {batch / seconds:.1f} tiles/s")
         except RuntimeError as e:  # a backend that does not take these shapes
             lines.append(f"vision {variant}: failed ({str(e).splitlines()[0][:120]})")
@@ -119,7 +116,7 @@ def profile_vision(device: torch.device, batch: int = 64, size: int = 512, varia
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.inference_mode(), torch.profiler.profile(activities=acts) as prof:
         vit(pixels)
-        floors.sync(device)
+        sync(device)
     return "\n".join(lines) + "\n== vision default kernels\n" + _table(prof, 20)
 
 
@@ -133,20 +130,17 @@ GEMV_SHAPES = {  # (in, out) of the 12B's decode matmuls
 def profile_gemv(device: torch.device, rows=(1, 64), bandwidth: float | None = None) -> str:
     """Each decode matmul alone at M rows, replayed from a CUDA graph (weights cycled through copies so
     L2 holds none): time per call and weight bytes / time, for F.linear and, at M = 1, torch.mv."""
-    import torch.nn.functional as F
-
     bandwidth = bandwidth or floors.measure_bandwidth(device)
     lines = [f"copy bandwidth {bandwidth / 1e9:.0f} GB/s"]
     for name, (k, n) in GEMV_SHAPES.items():
-        copies = max(2, int(200e6 // (k * n * 2)) + 1)
-        ws = [torch.randn(n, k, device=device, dtype=torch.bfloat16) for _ in range(copies)]
+        ws = [torch.randn(n, k, device=device, dtype=torch.bfloat16) for _ in range(sets_over_l2(k * n * 2))]
         for m in rows:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             ops = {"linear": lambda w, x=x: F.linear(x, w)}
             if m == 1:
                 ops["mv"] = lambda w, x=x: torch.mv(w, x[0])
             for label, op in ops.items():
-                per = floors.time_graph([lambda w=w, op=op: op(w) for w in ws] * 4, reps=10) / 1e3
+                per = time_graph([lambda w=w, op=op: op(w) for w in ws] * 4, reps=10).seconds
                 gbps = k * n * 2 / per / 1e9
                 lines.append(f"{name:15s} M={m:<3d} {label:6s} {per * 1e6:8.1f} us  {gbps:7.0f} GB/s  "
                              f"{100 * gbps * 1e9 / bandwidth:5.1f}% of copy bandwidth")  # fmt: skip
@@ -156,8 +150,6 @@ def profile_gemv(device: torch.device, rows=(1, 64), bandwidth: float | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    from glimpse.bench.random_model import random_model
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--random-weights", default="nemotron-nano-12b-v2")
     ap.add_argument("--batch", default="1,64", help="comma list of decode batch sizes ('' for none)")

@@ -6,6 +6,10 @@ Text: `nemotron-nano-12b-v2` (the 12B NemotronH). VL: `nemotron-nano-12b-v2-vl` 
 checkpoint's geometry, for tests). A random VL model has no tokenizer of its own: `bench_tokenizer()` is
 the tiny byte-level BPE with the real special tokens (`<img>`, `<image>`, `</img>`); its ids are a prefix
 of any vocabulary, so they are valid for the 131,072-row embedding table.
+
+`quantization="fp8"|"nvfp4"` builds the model as the published quantised checkpoints hold it: the
+language model's linears are Fp8Linear / Nvfp4Linear, their random bf16 weights quantised on the device
+one layer at a time (the whole model never exists in bf16).
 """
 
 from __future__ import annotations
@@ -16,7 +20,14 @@ import torch
 
 from glimpse.config import NemotronHConfig, VLConfig
 from glimpse.config_radio import RadioConfig
+from glimpse.kernels.quant_formats import E2M1_MAX, E4M3_MAX, quantize_fp8, quantize_nvfp4
 from glimpse.model.nemotron_h import NemotronHForCausalLM
+from glimpse.model.quant_linear import (
+    Nvfp4Linear,
+    Quantization,
+    published_quant_config,
+    replace_quantized_linears,
+)
 
 PATTERN_12B = "M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-"
 
@@ -83,11 +94,20 @@ def bench_tokenizer():
     return _TOKENIZER
 
 
+PACKED_TENSORS = ("weight", "weight_scale", "weight_scale_2", "input_scale")
+INPUT_AMAX = 8.0
+"""The FP8 layers' static input scale is INPUT_AMAX / 448: unit-RMS activations up to 8 are representable
+(a checkpoint calibrates it; speed does not depend on it)."""
+
+
 @torch.no_grad()
-def _fill_random_(model: torch.nn.Module, device: torch.device, seed: int) -> None:
-    """Random values with the right structure: Mamba2's usual A and dt ranges, unit norms, zero biases."""
+def _fill_random_(model: torch.nn.Module, device: torch.device, seed: int, skip: set[str]) -> None:
+    """Random values with the right structure: Mamba2's usual A and dt ranges, unit norms, zero biases.
+    Parameters named in `skip` are left alone."""
     gen = torch.Generator(device=device).manual_seed(seed)
     for pname, p in model.named_parameters():
+        if pname in skip:
+            continue
         if pname.endswith("A_log"):
             p.copy_(torch.log(torch.empty(p.shape, device=device).uniform_(1, 16, generator=gen)))
         elif pname.endswith("dt_bias"):
@@ -109,22 +129,65 @@ def _fill_random_(model: torch.nn.Module, device: torch.device, seed: int) -> No
 
 
 @torch.no_grad()
-def random_model(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
-    """A text preset gives NemotronHForCausalLM; a VL preset gives NemotronVLModel (see random_vl_model)."""
+def _fill_quantized_(model: torch.nn.Module, layers: list[str], device: torch.device, seed: int) -> None:
+    """Each quantised layer's packed tensors from a random bf16 weight made and quantised on the device,
+    one layer at a time."""
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    for name in layers:
+        layer = model.get_submodule(name)
+        w = torch.empty(layer.out_features, layer.in_features, device=device, dtype=torch.bfloat16)
+        w.normal_(0, 0.02, generator=gen)
+        if isinstance(layer, Nvfp4Linear):
+            weight, scale, scale_2 = quantize_nvfp4(w)
+            layer.weight_scale_2.copy_(scale_2)
+            layer.input_scale.fill_(INPUT_AMAX / (E2M1_MAX * E4M3_MAX))
+        else:
+            weight, scale = quantize_fp8(w)
+            layer.input_scale.fill_(INPUT_AMAX / E4M3_MAX)
+        layer.weight.copy_(weight)
+        layer.weight_scale.copy_(scale)
+
+
+def _materialise(
+    model: torch.nn.Module, device: torch.device, seed: int, quantization: Quantization | None
+) -> torch.nn.Module:
+    """Allocate the meta-device `model` on `device` and fill it; quantised first when asked."""
+    layers = replace_quantized_linears(model, published_quant_config(quantization)) if quantization else []
+    model = model.to_empty(device=device)
+    packed = {f"{name}.{leaf}" for name in layers for leaf in PACKED_TENSORS}
+    _fill_random_(model, torch.device(device), seed, packed)
+    _fill_quantized_(model, layers, torch.device(device), seed)
+    return model
+
+
+@torch.no_grad()
+def random_model(
+    name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    quantization: Quantization | None = None,
+) -> torch.nn.Module:
+    """A text preset gives NemotronHForCausalLM; a VL preset gives NemotronVLModel (see random_vl_model).
+    `quantization` (`fp8`, `nvfp4`): the language model's linears quantised, as the published checkpoints."""
     if name in VL_PRESETS:
-        return random_vl_model(name, device, dtype, seed)
+        return random_vl_model(name, device, dtype, seed, quantization)
     if name not in PRESETS:
         raise ValueError(f"unknown architecture {name!r}; known: {sorted(PRESETS) + sorted(VL_PRESETS)}")
     config = PRESETS[name]()
     with torch.device("meta"):
         model = NemotronHForCausalLM(config).to(dtype)  # allocate in the target dtype: 12B in fp32 won't fit
-    model = model.to_empty(device=device)
-    _fill_random_(model, torch.device(device), seed)
-    return model.eval()
+    return _materialise(model, device, seed, quantization).eval()
 
 
 @torch.no_grad()
-def random_vl_model(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+def random_vl_model(
+    name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    quantization: Quantization | None = None,
+):
     """The VL model (vision tower, projector, LLM) with random weights, allocated on the device in `dtype`."""
     from glimpse.model.vlm import NemotronVLModel
 
@@ -133,8 +196,7 @@ def random_vl_model(name: str, device: torch.device, dtype: torch.dtype, seed: i
     config, radio = VL_PRESETS[name]()
     with torch.device("meta"):
         model = NemotronVLModel(config, radio).to(dtype)
-    model = model.to_empty(device=device)
-    _fill_random_(model, torch.device(device), seed)
+    model = _materialise(model, device, seed, quantization)
     model.language_model.tie_weights()
     return model.eval()
 

@@ -6,6 +6,7 @@ import argparse
 import datetime
 import json
 import platform
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -30,13 +31,17 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="comma list of decode1, decode, prefill, drift, hf-reference (language model); vision, "
                         "video-ttft (need a VL model); video-decode, online (run first, before any model is "
                         "loaded in this process)")  # fmt: skip
-    p.add_argument("--concurrency", type=_ints, default=[16, 64, 256])
-    p.add_argument("--ssm-dtypes", default="float32,bfloat16")
-    p.add_argument("--prompt-len", type=int, default=1024)
-    p.add_argument("--output-len", type=int, default=256)
-    p.add_argument("--prefill-lens", type=_ints, default=[4096, 32768])
+    p.add_argument("--concurrency", type=_ints, default=[16, 64, 256],
+                   help="comma list of sequences decoding at once (decode)")  # fmt: skip
+    p.add_argument("--ssm-dtypes", default="float32,bfloat16", help="comma list of SSM state dtypes")
+    p.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens (decode, drift)")
+    p.add_argument("--output-len", type=int, default=256, help="tokens decoded per sequence (decode)")
+    p.add_argument("--prefill-lens", type=_ints, default=[4096, 32768], help="comma list of prompt sizes")
     p.add_argument("--prefill-chunk", type=int, default=None, help="max_num_batched_tokens for prefill")
-    p.add_argument("--drift-steps", type=int, default=256)
+    p.add_argument("--drift-steps", type=int, default=256, help="decode steps compared (drift)")
+    p.add_argument("--quantization", default=None, choices=["fp8", "nvfp4"],
+                   help="with --random-weights: the language model's linears quantised as NVIDIA's published "
+                        "FP8 / NVFP4 checkpoints hold them (a checkpoint given by --model says its own)")  # fmt: skip
     add_flags(p, EngineConfig, only=("device", "dtype"))
     p.add_argument("--json", default="bench.json", help="where to write the results")
     _add_vision_args(p)
@@ -51,14 +56,14 @@ def _add_vision_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("vision (d), video-ttft (e), video-decode (e2)")
     g.add_argument("--vision-batch", type=int, default=128, help="tiles per encoder call")
     g.add_argument("--vision-size", type=int, default=512, help="tile side in pixels")
-    g.add_argument("--vision-repeats", type=int, default=5)
+    g.add_argument("--vision-repeats", type=int, default=5, help="timed encoder calls (median)")
     g.add_argument("--video-frames", type=int, default=128, help="frames in memory per video question")
     g.add_argument("--video-size", type=int, default=512, help="frame side in pixels")
     g.add_argument("--pruning-rates", default="0,0.75", help="EVS pruning rates for video-ttft")
     g.add_argument("--video-repeats", type=int, default=1, help="questions per pruning rate (median)")
-    g.add_argument("--decode-width", type=int, default=1920)
-    g.add_argument("--decode-height", type=int, default=1080)
-    g.add_argument("--decode-fps", type=int, default=30)
+    g.add_argument("--decode-width", type=int, default=1920, help="width of the encoded video")
+    g.add_argument("--decode-height", type=int, default=1080, help="height of the encoded video")
+    g.add_argument("--decode-fps", type=int, default=30, help="frame rate of the encoded video")
     g.add_argument("--decode-segment-seconds", type=float, default=60.0, help="length of the encoded segment")
     g.add_argument("--decode-segments", type=int, default=60, help="copies of the segment remuxed end to end")
     g.add_argument("--decode-keyint", type=int, default=60, help="frames between keyframes")
@@ -66,7 +71,7 @@ def _add_vision_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-preset", default="veryfast", help="libx264 preset of the segment")
     g.add_argument("--decode-frames", type=int, default=128, help="frames sampled (num_frames)")
     g.add_argument("--decode-sample-fps", type=float, default=2.0, help="sampling fps")
-    g.add_argument("--decode-repeats", type=int, default=3)
+    g.add_argument("--decode-repeats", type=int, default=3, help="timed decodes (median)")
     g.add_argument("--decode-baseline-seconds", type=float, default=300.0,
                    help="seconds of video the every-frame baseline decodes before extrapolating to the "
                         "whole file (0: decode it all)")  # fmt: skip
@@ -79,21 +84,22 @@ def _add_online_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("online (f): glimpse serve under load")
     g.add_argument("--online-concurrency", type=_ints, default=[16], help="comma list of client counts")
     g.add_argument("--online-requests", type=int, default=200, help="requests per concurrency level")
-    g.add_argument("--online-mix", default="text:0.4,image:0.3,pdf:0.15,video:0.15")
+    g.add_argument("--online-mix", default="text:0.4,image:0.3,pdf:0.15,video:0.15",
+                   help="request kinds and their shares")  # fmt: skip
     g.add_argument("--online-prefix-caching", default="on,off", help="on, off or on,off (a server each)")
     g.add_argument("--online-output-len", type=int, default=128, help="max_tokens, with ignore_eos")
-    g.add_argument("--online-temperature", type=float, default=0.0)
+    g.add_argument("--online-temperature", type=float, default=0.0, help="sampling temperature")
     g.add_argument("--online-system-words", type=int, default=400, help="shared system prompt, random words")
     g.add_argument("--online-text-words", type=int, default=600, help="random words per text request")
-    g.add_argument("--online-image-size", default="1280x720")
-    g.add_argument("--online-pdf-pages", type=int, default=3)
+    g.add_argument("--online-image-size", default="1280x720", help="WIDTHxHEIGHT of each image")
+    g.add_argument("--online-pdf-pages", type=int, default=3, help="pages per PDF")
     g.add_argument("--online-pdf-page-size", default="612x792", help="page size in points")
-    g.add_argument("--online-video-frames", type=int, default=32)
-    g.add_argument("--online-video-size", default="640x360")
-    g.add_argument("--online-video-fps", type=float, default=2.0)
+    g.add_argument("--online-video-frames", type=int, default=32, help="frames per video")
+    g.add_argument("--online-video-size", default="640x360", help="WIDTHxHEIGHT of each video")
+    g.add_argument("--online-video-fps", type=float, default=2.0, help="frame rate of each video")
     g.add_argument("--online-server-args", default="", help="extra glimpse serve flags, one string")
-    g.add_argument("--online-startup-timeout", type=float, default=900.0)
-    g.add_argument("--online-request-timeout", type=float, default=600.0)
+    g.add_argument("--online-startup-timeout", type=float, default=900.0, help="seconds to start")
+    g.add_argument("--online-request-timeout", type=float, default=600.0, help="seconds for one request")
 
 
 def _environment(device: torch.device) -> dict:
@@ -122,7 +128,7 @@ def _load(args, device: torch.device, dtype: torch.dtype, vl: bool = False):
 
     if args.random_weights:
         tokenizer = bench_tokenizer() if is_vl_preset(args.random_weights) else None
-        return random_model(args.random_weights, device, dtype), tokenizer
+        return random_model(args.random_weights, device, dtype, quantization=args.quantization), tokenizer
     from glimpse.model.loading import load_model, resolve_model_path
     from glimpse.processing.tokenizer import load_tokenizer
 
@@ -163,12 +169,68 @@ def _row(r: dict) -> str:
     return json.dumps(r)
 
 
+def _random_weight_bytes(name: str, dtype: torch.dtype) -> int | None:
+    """Bytes of a random-weight preset's parameters in `dtype`, counted on the meta device (nothing is
+    allocated); None for a name that is not a preset (random_model names the known ones)."""
+    from glimpse.bench.random_model import PRESETS, VL_PRESETS
+    from glimpse.model.nemotron_h import NemotronHForCausalLM
+    from glimpse.model.vlm import NemotronVLModel
+
+    with torch.device("meta"):
+        if name in PRESETS:
+            model = NemotronHForCausalLM(PRESETS[name]())
+        elif name in VL_PRESETS:
+            model = NemotronVLModel(*VL_PRESETS[name]())
+        else:
+            return None
+    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
+
+
+def _cpu_bytes_available() -> int | None:
+    """What this process may still allocate: the system's available memory, capped by an address-space
+    limit (ulimit -v) less what the process already maps; None if neither can be read."""
+    known = []
+    try:
+        with open("/proc/meminfo") as f:
+            known += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except OSError:
+        pass
+    limit, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if limit != resource.RLIM_INFINITY:
+        mapped = 0
+        try:
+            with open("/proc/self/status") as f:
+                mapped = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:")), 0)
+        except OSError:
+            pass
+        known.append(limit - mapped)
+    return min(known) if known else None
+
+
+def check_random_weights_fit(name: str, device: torch.device, dtype: torch.dtype) -> None:
+    """On the CPU, refuse a random-weight preset whose weights can't fit in memory before allocating any
+    (the full-size 12B is ~49 GB in float32): a ValueError saying so, in place of an allocation that
+    exhausts the machine. GPUs report their own out-of-memory error."""
+    if device.type != "cpu":
+        return
+    need, have = _random_weight_bytes(name, dtype), _cpu_bytes_available()
+    if need is not None and have is not None and need > have:
+        dtype_name = str(dtype).removeprefix("torch.")
+        raise ValueError(
+            f"--random-weights {name} needs {need / 1e9:.1f} GB for its weights in {dtype_name} on the CPU, "
+            f"but {max(have, 0) / 1e9:.1f} GB is available; run it on a GPU (the full-size architectures "
+            "are meant for one)"
+        )
+
+
 def main(args: argparse.Namespace) -> int:
     from glimpse.bench import floors, llm_bench, vision_bench
 
     probe = EngineConfig(model="-", device=args.device, dtype=args.dtype)
     device = probe.resolve_device()
     dtype = probe.resolve_dtype(device)
+    if args.random_weights:
+        check_random_weights_fit(args.random_weights, device, dtype)
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     results: dict = {"environment": _environment(device), "results": []}
     if "hf-reference" in scenarios:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -26,9 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from glimpse.bench.floors import median_seconds as _median_seconds
-from glimpse.bench.floors import sync as _sync
 from glimpse.bench.llm_bench import BenchContext, _engine, _release
+from glimpse.bench.timing import time_eager
 from glimpse.config_radio import RadioConfig
 from glimpse.engine.llm import input_processor
 from glimpse.engine.vision_encoder import normalise
@@ -90,8 +88,10 @@ def vision(ctx: BenchContext, batch: int = 128, size: int = 512, repeats: int = 
     gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed)
     pixels = torch.randn(batch, 3, size, size, device=ctx.device, dtype=ctx.dtype, generator=gen)
 
-    encode_s, encode_all = _median_seconds(lambda: model.encode_images(pixels), ctx.device, repeats)
-    vit_s, vit_all = _median_seconds(lambda: tower.vit(pixels), ctx.device, repeats)
+    encode = time_eager(lambda: model.encode_images(pixels), reps=repeats, device=ctx.device)
+    vit = time_eager(lambda: tower.vit(pixels), reps=repeats, device=ctx.device)
+    encode_s, encode_all = encode.seconds, encode.samples_seconds
+    vit_s, vit_all = vit.seconds, vit.samples_seconds
     flops = vit_flops_per_tile(tower.config, size, size)
     proj_flops = projector_flops_per_tile(model, size, size)
     ceiling = ctx.matmul_rate / flops["total"]
@@ -129,26 +129,30 @@ def random_frames(num: int, size: int, seed: int) -> list[np.ndarray]:
 
 
 def _first_token_seconds(engine, request_id: str, prompt: dict, params: SamplingParams, device) -> dict:
-    """Process the prompt and step the engine until the request's first token; the phases' times."""
-    _sync(device)
-    t0 = time.perf_counter()
-    inp = input_processor(engine).from_prompt(prompt)
-    _sync(device)
-    t1 = time.perf_counter()
-    engine.add_request(
-        request_id, inp.prompt_token_ids, params, prompt=inp.prompt, media_spans=inp.media_spans,
-        media_info=inp.media_info, video_tokens=inp.video_tokens,
-    )  # fmt: skip
-    first = None
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.request_id == request_id and out.outputs and out.outputs[0].token_ids and first is None:
-                _sync(device)
-                first = time.perf_counter()
-    _sync(device)
-    first = first or time.perf_counter()
-    return {"ttft_s": first - t0, "processing_s": t1 - t0, "prompt_tokens": len(inp.prompt_token_ids),
-            "video_tokens": inp.video_tokens or {}}  # fmt: skip
+    """Process the prompt, then step the engine until the request's first token; the phases' times."""
+    processed = []
+
+    def process() -> None:
+        processed.append(input_processor(engine).from_prompt(prompt))
+
+    def until_first_token() -> None:
+        inp = processed[0]
+        engine.add_request(
+            request_id, inp.prompt_token_ids, params, prompt=inp.prompt, media_spans=inp.media_spans,
+            media_info=inp.media_info, video_tokens=inp.video_tokens,
+        )  # fmt: skip
+        while engine.has_unfinished():
+            outs = engine.step()
+            if any(o.request_id == request_id and o.outputs and o.outputs[0].token_ids for o in outs):
+                return
+
+    processing_s = time_eager(process, reps=1, warmup=0, device=device).seconds
+    first_token_s = time_eager(until_first_token, reps=1, warmup=0, device=device).seconds
+    while engine.has_unfinished():  # the rest of the request, untimed
+        engine.step()
+    inp = processed[0]
+    return {"ttft_s": processing_s + first_token_s, "processing_s": processing_s,
+            "prompt_tokens": len(inp.prompt_token_ids), "video_tokens": inp.video_tokens or {}}  # fmt: skip
 
 
 def video_ttft(
@@ -184,7 +188,7 @@ def video_ttft(
             # the vision encoder alone on the last clip's frames (what part of the TTFT is the eyes)
             u8 = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)
             pixels = normalise(u8, model.config, ctx.device)
-            encode_s, _ = _median_seconds(lambda p=pixels: model.encode_video(p), ctx.device, 1, warmup=1)
+            encode_s = time_eager(lambda p=pixels: model.encode_video(p), reps=1, device=ctx.device).seconds
             ttfts = [x["ttft_s"] for x in runs]
             best = runs[int(np.argsort(ttfts)[len(ttfts) // 2])]
             vt = best["video_tokens"]
@@ -325,16 +329,20 @@ def make_long_video(spec: LongVideoSpec, work_dir: Path) -> tuple[Path, dict]:
         if meta.get("spec") == asdict(spec) and meta.get("bytes") == path.stat().st_size:
             return path, meta | {"reused": True}
     segment = work_dir / ("segment-" + spec.file_name())
-    t0 = time.perf_counter()
-    codec = _encode_segment(spec, segment)
-    t1 = time.perf_counter()
     tmp = path.with_suffix(".part.mp4")
-    _remux_repeated(segment, tmp, spec)
-    tmp.replace(path)
-    t2 = time.perf_counter()
+    codecs = []
+
+    def remux() -> None:
+        _remux_repeated(segment, tmp, spec)
+        tmp.replace(path)
+
+    encode_s = time_eager(
+        lambda: codecs.append(_encode_segment(spec, segment)), reps=1, warmup=0, device="cpu"
+    )
+    remux_s = time_eager(remux, reps=1, warmup=0, device="cpu")
     segment.unlink(missing_ok=True)
-    meta = {"spec": asdict(spec), "codec": codec, "bytes": path.stat().st_size,
-            "encode_segment_s": t1 - t0, "remux_s": t2 - t1}  # fmt: skip
+    meta = {"spec": asdict(spec), "codec": codecs[0], "bytes": path.stat().st_size,
+            "encode_segment_s": encode_s.seconds, "remux_s": remux_s.seconds}  # fmt: skip
     meta_path.write_text(json.dumps(meta, indent=2))
     return path, meta | {"reused": False}
 
@@ -362,15 +370,18 @@ def _decode_sampled(path: Path, fps: float, num_frames: int, size: int) -> tuple
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
     logger.propagate = False  # the record is for us, not for the console
+    clips = []
+
+    def decode() -> None:
+        clips.append(decode_video(str(path), fps, num_frames, max_frames=max(1024, num_frames), size=size))
+
     try:
-        t = time.perf_counter()
-        clip = decode_video(str(path), fps, num_frames, max_frames=max(1024, num_frames), size=size)
-        seconds = time.perf_counter() - t
+        seconds = time_eager(decode, reps=1, warmup=0, device="cpu").seconds
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
         logger.propagate = propagate
-    return seconds, clip.num_frames, handler
+    return seconds, clips[0].num_frames, handler
 
 
 def _decode_every_frame(
@@ -381,16 +392,19 @@ def _decode_every_frame(
 
     wanted = set(indices)
     decoded = 0
-    t = time.perf_counter()
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]  # thread_type left at PyAV's default
-        for frame in container.decode(stream):
-            if decoded in wanted:
-                frame.reformat(width=size, height=size, format="rgb24").to_ndarray()
-            decoded += 1
-            if max_frames is not None and decoded >= max_frames:
-                break
-    return time.perf_counter() - t, decoded
+
+    def decode_all() -> None:
+        nonlocal decoded
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]  # thread_type left at PyAV's default
+            for frame in container.decode(stream):
+                if decoded in wanted:
+                    frame.reformat(width=size, height=size, format="rgb24").to_ndarray()
+                decoded += 1
+                if max_frames is not None and decoded >= max_frames:
+                    break
+
+    return time_eager(decode_all, reps=1, warmup=0, device="cpu").seconds, decoded
 
 
 def video_decode(

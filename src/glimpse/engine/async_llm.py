@@ -4,9 +4,10 @@ The engine runs on one background thread that owns it: requests and aborts reach
 queue, outputs come back to each caller's asyncio queue. `generate` is an async iterator of cumulative
 RequestOutputs; leaving it early (a client that disconnects) aborts the request and frees its memory.
 
-Input processing runs on the caller's threads (the server's worker threads). The one thing it needs
-from the engine, EVS's frame embeddings, is handed to the engine thread as a command and waited for,
-so the vision encoder only ever runs on the engine thread, between steps.
+Input processing runs on the caller's threads (the server's worker threads); a chat's media work runs
+in the media pool (media_pool.py), so text requests never wait behind it. The one thing processing
+needs from the engine, EVS's frame embeddings, is handed to the engine thread as a command and waited
+for, so the vision encoder only ever runs on the engine thread, between steps.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ import torch
 from glimpse.engine.config import EngineConfig
 from glimpse.engine.engine import LLMEngine
 from glimpse.engine.llm import input_processor
+from glimpse.engine.media_pool import MediaPool
 from glimpse.engine.vision_encoder import CachedVisionEncoder
 from glimpse.errors import GlimpseError
 from glimpse.inputs import MediaPixels, ProcessedInput
 from glimpse.outputs import RequestOutput
+from glimpse.processing.multimodal import has_media
 from glimpse.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -66,6 +69,7 @@ class AsyncLLM:
         self.engine = engine
         vision = engine.vision_encoder
         self.processor = input_processor(engine, _OnEngineThread(vision, self._call) if vision else None)
+        self.media_pool = MediaPool()
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
@@ -171,9 +175,16 @@ class AsyncLLM:
             return prompt
         return self.processor.from_prompt(prompt)
 
-    def process_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> ProcessedInput:
-        """`InputProcessor.from_messages` (the chat template, the media): blocking work, off the event loop."""
-        return self.processor.from_messages(messages, **kwargs)
+    async def process_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> ProcessedInput:
+        """`InputProcessor.from_messages` (the chat template, the media), off the event loop. Messages
+        with media go to the media pool, which may refuse them when busy (503); cancelling the awaiting
+        task (a client that disconnects) cancels their fetching and decoding. Text-only messages go to
+        a plain worker thread."""
+        if not has_media(messages):
+            return await asyncio.to_thread(self.processor.from_messages, messages, **kwargs)
+        return await self.media_pool.run(
+            lambda cancel: self.processor.from_messages(messages, cancel=cancel, **kwargs)
+        )
 
     async def generate(
         self, prompt: Any, sampling_params: SamplingParams | None = None, request_id: str | None = None
@@ -205,6 +216,7 @@ class AsyncLLM:
         self._commands.put(("abort", request_id))
 
     def shutdown(self) -> None:
+        self.media_pool.shutdown()
         self._stopped.set()
         self._thread.join(timeout=5)
 

@@ -17,6 +17,7 @@ from glimpse.settings import POSITIVE, Rule, check_settings, from_flat, setting,
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SSM_CACHE_DTYPES = ("float32", "bfloat16")
+QUANTIZATION_METHODS = ("modelopt", "modelopt_fp4")  # vLLM's names for NVIDIA modelopt's FP8 and NVFP4
 
 
 def _is_device(name: str) -> bool:
@@ -102,6 +103,23 @@ class EngineConfig:
     """The model and how it runs."""
 
     model: str = setting(help="a local checkpoint directory, a hub id, or the built-in 'tiny' / 'tiny-vl'")
+    tokenizer: str | None = setting(
+        None, help="where the tokenizer comes from, as MODEL is given (default: MODEL's own)", metavar="MODEL"
+    )
+    revision: str | None = setting(
+        None, help="the branch, tag or commit of a hub model to download (default: its main branch)"
+    )
+    download_dir: str | None = setting(
+        None, help="where hub models are downloaded (default: the Hugging Face cache)", metavar="DIR"
+    )
+    chat_template: str | None = setting(
+        None, help="the chat template, in place of the checkpoint's: a file, or the Jinja text itself "
+        "(default: the checkpoint's)", metavar="TEMPLATE",
+    )  # fmt: skip
+    quantization: str | None = setting(
+        None, help="the checkpoint's quantisation: modelopt (FP8) or modelopt_fp4 (NVFP4) (default: read "
+        "from the checkpoint)", choices=QUANTIZATION_METHODS,
+    )  # fmt: skip
     dtype: str = setting(
         "auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16",
         choices=("auto", *DTYPES),

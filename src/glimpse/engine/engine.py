@@ -50,9 +50,15 @@ class LLMEngine:
         self.ssm_dtype = DTYPES[cfg.cache.mamba_ssm_cache_dtype]
         torch.manual_seed(cfg.seed)
         if model is None:
-            self.model_dir: Path | None = resolve_model_path(cfg.model)
-            self.model = load_model(self.model_dir, self.device, self.dtype)
-            self.tokenizer = load_tokenizer(self.model_dir)
+            self.model_dir: Path | None = resolve_model_path(
+                cfg.model, revision=cfg.revision, download_dir=cfg.download_dir
+            )
+            # The tokenizer first: a bad --tokenizer or --chat-template fails before the model loads.
+            tokenizer_dir = self.model_dir
+            if cfg.tokenizer:
+                tokenizer_dir = resolve_model_path(cfg.tokenizer, download_dir=cfg.download_dir)
+            self.tokenizer = load_tokenizer(tokenizer_dir, cfg.chat_template)
+            self.model = load_model(self.model_dir, self.device, self.dtype, cfg.quantization)
             config_eos = self.model.llm_config.eos_token_ids
             self.eos_token_ids = end_of_sequence_ids(self.model_dir, self.tokenizer, config_eos)
         else:
@@ -159,6 +165,8 @@ class LLMEngine:
             request_id, prompt, list(prompt_token_ids), params, next(self._arrivals),
             media_spans=media_spans or [], media_info=media_info or [], video_tokens=video_tokens,
         )  # fmt: skip
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]  # nothing scores the first token
         grammar = (
             self.structured.compile(params) if (params.json_schema is not None or params.regex) else None
         )
@@ -190,6 +198,7 @@ class LLMEngine:
                 )  # fmt: skip
             if params.logprobs is not None:
                 seq.logprobs = []
+                seq.token_texts = [] if params.detokenize else None
             if grammar is not None:
                 seq.grammar, seq.grammar_waits = grammar.matcher(), waits
             req.sequences.append(seq)
@@ -234,7 +243,9 @@ class LLMEngine:
                 return outputs
         else:
             outputs = []
-        seqs, sampled = self.runner.execute(sched)
+        seqs, sampled, prompt_scores = self.runner.execute(sched)
+        for scores in prompt_scores:
+            self.outputs.add_prompt_logprobs(scores.seq.request, scores.entries)
         for chunk in sched.chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
             self.cache.on_computed(chunk.seq)

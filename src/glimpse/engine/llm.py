@@ -33,6 +33,7 @@ def input_processor(engine: LLMEngine, encoder: VisionEncoder | None = None) -> 
             allowed_local_media_path=cfg.media.allowed_local_media_path,
             allow_private_urls=cfg.media.allow_private_media_urls,
         ),
+        context_tokens=engine.max_model_len,
     )
 
 
@@ -72,6 +73,7 @@ class LLM:
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         *,
         tools: list[dict[str, Any]] | None = None,
+        chat_template: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
         mm_processor_kwargs: dict[str, Any] | None = None,
         media_io_kwargs: dict[str, Any] | None = None,
@@ -83,6 +85,7 @@ class LLM:
             self.processor.from_messages(
                 conv,
                 tools=tools,
+                chat_template=chat_template,
                 chat_template_kwargs=chat_template_kwargs,
                 mm_processor_kwargs=mm_processor_kwargs,
                 media_io_kwargs=media_io_kwargs,

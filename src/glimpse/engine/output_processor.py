@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from glimpse.engine.request import PENDING_TOKEN, Request, Sequence
 from glimpse.engine.scheduler import Scheduler
-from glimpse.outputs import CompletionOutput, RequestOutput
+from glimpse.outputs import CompletionOutput, Logprob, RequestOutput
 
 
 class OutputProcessor:
@@ -22,15 +22,20 @@ class OutputProcessor:
         self.max_model_len = max_model_len
         self.scheduler = scheduler  # told when a sequence finishes, so its memory goes back
         self.think_end = think_end  # `</think>`: where a constraint waiting for the reasoning to end starts
+        self._token_texts: dict[int, str] = {}  # token id -> the token decoded alone (at most the vocabulary)
 
     def append_token(self, seq: Sequence, token: int, logprobs: dict | None, sampled_logprob: float) -> None:
+        before = len(seq.text)
+        self._append(seq, token, logprobs, sampled_logprob)
+        if seq.token_texts is not None:
+            seq.token_texts.append(seq.text[before:])
+
+    def _append(self, seq: Sequence, token: int, logprobs: dict | None, sampled_logprob: float) -> None:
         params = seq.params
         seq.output_token_ids.append(token)
         seq.cumulative_logprob += sampled_logprob
         if seq.logprobs is not None and logprobs is not None:
-            for tid, lp in logprobs.items():
-                if lp.decoded_token is None and self.tokenizer is not None:
-                    lp.decoded_token = self.tokenizer.decode([tid])
+            self._decode(logprobs)
             seq.logprobs.append(logprobs)
         n_out = len(seq.output_token_ids)
         if seq.grammar is not None and self._advance_grammar(seq, token):
@@ -55,6 +60,24 @@ class OutputProcessor:
             if seq.detokenizer is not None and not isinstance(seq.stop_reason, str):
                 seq.text += seq.detokenizer.flush()
             self.scheduler.finish(seq)
+
+    def add_prompt_logprobs(self, req: Request, entries: list[dict[int, Logprob]]) -> None:
+        """A step's prompt logprobs (the next prompt positions, in order) onto the request's."""
+        for entry in entries:
+            self._decode(entry)
+        req.prompt_logprobs.extend(entries)
+
+    def _decode(self, entry: dict[int, Logprob]) -> None:
+        """Each entry's token decoded alone (special tokens kept), remembered per id: a prompt's logprobs
+        ask for (k + 1) x prompt-length tokens at once."""
+        if self.tokenizer is None:
+            return
+        for tid, lp in entry.items():
+            if lp.decoded_token is None:
+                text = self._token_texts.get(tid)
+                if text is None:
+                    text = self._token_texts[tid] = self.tokenizer.decode([tid])
+                lp.decoded_token = text
 
     def _advance_grammar(self, seq: Sequence, token: int) -> bool:
         """Feed the token to the sequence's constraint; True when that finished the sequence."""
@@ -88,6 +111,7 @@ class OutputProcessor:
                 stop_reason=s.stop_reason,
                 logprobs=s.logprobs,
                 cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
+                token_texts=s.token_texts,
             )
             for s in req.sequences
         ]
@@ -100,6 +124,7 @@ class OutputProcessor:
             num_cached_tokens=min(s.num_cached_tokens for s in req.sequences),
             video_tokens=req.video_tokens,
             media=req.media_info,
+            prompt_logprobs=req.prompt_logprobs,
         )
 
 

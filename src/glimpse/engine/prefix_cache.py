@@ -118,17 +118,19 @@ class PrefixCache:
 
     # Lookup ---------------------------------------------------------------------------------------------
     def match(self, seq, blocks) -> tuple[list[int], int] | None:
-        """The longest cached prefix that ends at a snapshot and leaves at least one token to compute:
-        (its blocks, retained for the sequence; the snapshot's slot), or None."""
+        """The longest cached prefix that ends at a snapshot and leaves at least one token to compute (and
+        every position whose logits the prompt logprobs still need): (its blocks, retained for the sequence;
+        the snapshot's slot), or None."""
         hashes = seq.request.block_hashes
         self.queries += 1
         self.query_tokens += seq.num_prompt_tokens
         best = shared = 0
+        limit = seq.max_cached_tokens
         for j, h in enumerate(hashes, start=1):
             if h not in self.block_by_hash:
                 break
             shared = j
-            if h in self.snapshots and j * blocks.block_size < seq.num_tokens:
+            if h in self.snapshots and j * blocks.block_size <= limit:
                 best = j
         if shared > best and shared * blocks.block_size < seq.num_tokens:
             # This prompt shares more with an earlier one than any snapshot covers (a common system prompt

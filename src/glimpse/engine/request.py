@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from glimpse.inputs import MediaSpan
+from glimpse.outputs import Logprob
 from glimpse.sampling_params import SamplingParams
 
 # Stands in a sequence's output for a token sampled on the device but not yet read back (the engine's
@@ -37,6 +38,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     logprobs: list[dict] | None = None
+    token_texts: list[str] | None = None  # with logprobs: what each output token added to `text`
     cumulative_logprob: float = 0.0
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     sampling_state: Any = None
@@ -75,6 +77,23 @@ class Sequence:
         return (self.prompt_token_ids + self.output_token_ids)[start:end]
 
     @property
+    def prompt_logprobs_from(self) -> int | None:
+        """The first prompt position whose logits this sequence must still compute for the request's prompt
+        logprobs (the logits at position i score prompt token i + 1), or None when it owes none. The first
+        child computes them for the whole request."""
+        done = self.request.prompt_logprobs
+        if done is None or self.index != 0 or len(done) >= self.num_prompt_tokens:
+            return None
+        return len(done) - 1
+
+    @property
+    def max_cached_tokens(self) -> int:
+        """How many leading tokens a prefix-cache hit may cover: not the last one (its logits choose the
+        next token), and none whose logits are still owed to the prompt logprobs."""
+        owed = self.prompt_logprobs_from
+        return self.num_tokens - 1 if owed is None else owed
+
+    @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
@@ -95,6 +114,8 @@ class Request:
     video_tokens: dict[str, int] | None = None
     grammar: Any = None  # a compiled structured-output constraint factory, if any
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of the prompt's full blocks
+    # With params.prompt_logprobs: [None], then one dict per prompt token as the prefill computes it.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     sequences: list[Sequence] = field(default_factory=list)
 
     @property

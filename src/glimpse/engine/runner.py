@@ -7,11 +7,20 @@ from dataclasses import dataclass
 import torch
 
 from glimpse.engine.request import PENDING_TOKEN, Sequence
-from glimpse.engine.sampler import SamplerOutput, sample, sample_on_device
+from glimpse.engine.sampler import SamplerOutput, prompt_logprobs, sample, sample_on_device
 from glimpse.engine.scheduler import SchedulerOutput
 from glimpse.engine.structured import batch_allowed_mask
 from glimpse.engine.vision_encoder import CachedVisionEncoder
 from glimpse.model.batch import CacheTensors, ForwardBatch
+from glimpse.outputs import Logprob
+
+
+@dataclass
+class PromptScores:
+    """Prompt logprobs one step computed for a sequence's request: the next entries, in prompt order."""
+
+    seq: Sequence
+    entries: list[dict[int, Logprob]]
 
 
 @dataclass
@@ -87,8 +96,11 @@ class ModelRunner:
         return embeds
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> tuple[list[Sequence], SamplerOutput | None]:
-        """Run one step; returns the sequences that sampled a token and what they sampled."""
+    def execute(
+        self, sched: SchedulerOutput
+    ) -> tuple[list[Sequence], SamplerOutput | None, list[PromptScores]]:
+        """Run one step; returns the sequences that sampled a token, what they sampled, and the prompt
+        logprobs the step's chunks computed."""
         chunks = sched.chunks
         if self.can_replay(chunks):
             seqs = [c.seq for c in chunks]
@@ -97,7 +109,7 @@ class ModelRunner:
                 [c.seq.block_ids for c in chunks], [c.start for c in chunks],
             )  # fmt: skip
             self.num_forward_tokens += len(chunks)
-            return seqs, self._sample(seqs, logits)
+            return seqs, self._sample(seqs, logits), []
         self._reset_states([c.seq for c in chunks if c.start == 0])
         token_ids: list[int] = []
         for c in chunks:
@@ -105,18 +117,52 @@ class ModelRunner:
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         batch = self._batch(chunks)
         due = [i for i, c in enumerate(chunks) if c.completes]
+        scored, scored_rows = self._prompt_positions(chunks, batch.cu_query_lens_list)
         last = batch.cu_query_lens[1:] - 1
         logits_indices = last[torch.tensor(due, dtype=torch.long, device=last.device)]
+        if scored_rows:
+            rows = torch.tensor(scored_rows, dtype=torch.long, device=last.device)
+            logits_indices = torch.cat([rows, logits_indices])
         embeds = self._embed(ids, sched)
         logits = self.model(
             batch, self.cache, input_ids=ids if embeds is None else None, inputs_embeds=embeds,
             logits_indices=logits_indices,
         )  # fmt: skip
         self.num_forward_tokens += batch.num_tokens
+        prompt_scores = []
+        at = 0
+        for seq, first, end in scored:
+            targets = seq.prompt_token_ids[first + 1 : end + 1]
+            k = seq.params.prompt_logprobs or 0
+            prompt_scores.append(
+                PromptScores(seq, prompt_logprobs(logits[at : at + end - first], targets, k))
+            )
+            at += end - first
         if not due:
-            return [], None
+            return [], None, prompt_scores
         seqs = [chunks[i].seq for i in due]
-        return seqs, self._sample(seqs, logits)
+        return seqs, self._sample(seqs, logits[at:]), prompt_scores
+
+    @staticmethod
+    def _prompt_positions(
+        chunks, cu_query_lens: list[int]
+    ) -> tuple[list[tuple[Sequence, int, int]], list[int]]:
+        """The prompt positions whose logits this step owes to prompt logprobs: (sequence, first, end) per
+        chunk that owes some (positions first..end-1, scoring tokens first+1..end), and their rows in the
+        step's packed tokens. The last prompt position is left out: its logits sample the first output."""
+        scored, rows = [], []
+        for c, offset in zip(chunks, cu_query_lens):
+            first = c.seq.prompt_logprobs_from
+            if first is None:
+                continue
+            end = min(c.start + c.num_tokens, c.seq.num_prompt_tokens - 1)
+            if first >= end:
+                continue
+            # positions before `first` are already scored; a prefix-cache hit never skips an owed one
+            assert first >= c.start, f"prompt position {first} is owed logits but was not computed"
+            scored.append((c.seq, first, end))
+            rows.extend(range(offset + first - c.start, offset + end - c.start))
+        return scored, rows
 
     @torch.inference_mode()
     def launch_decode(self, sched: SchedulerOutput, prev: PendingStep | None) -> PendingStep:
@@ -182,8 +228,9 @@ class ModelRunner:
         )
 
     def can_replay(self, chunks) -> bool:
-        """A pure decode step (one new token each, every state already started) that a graph can run."""
-        if self.graphs is None or not all(c.num_tokens == 1 and c.start > 0 for c in chunks):
+        """A pure decode step (one new token each, every state already started, every sequence due to
+        sample) that a graph can run."""
+        if self.graphs is None or not all(c.num_tokens == 1 and c.start > 0 and c.completes for c in chunks):
             return False
         if any(span.start <= c.start < span.end for c in chunks for span in c.seq.request.media_spans):
             return False

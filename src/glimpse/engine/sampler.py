@@ -31,7 +31,8 @@ the sequence on EOS, so the model's own choice (and its logprob) is kept.
 
 Logprobs come from the RAW logits (log_softmax before penalties, masks and temperature), as vLLM v1
 reports them by default. Ranks are competition ranks over that raw distribution: 1 + the number of
-tokens with a strictly larger logit (1 = most likely).
+tokens with a strictly larger logit (1 = most likely). Prompt logprobs (`prompt_logprobs`) are the same
+raw distribution at each prompt position, scoring the prompt token after it.
 """
 
 from __future__ import annotations
@@ -402,18 +403,63 @@ def _logprob_dicts(
         top_vals, top_ids = vals.tolist(), ids.tolist()
     for j, i in enumerate(rows):
         k = states[i].params.logprobs or 0
-        entry = {tokens[i]: Logprob(chosen_list[j], sampled_rank[j])}
-        # Equal values: order by id so the answer does not depend on topk's internal order.
-        ranked = sorted(zip(top_vals[j], top_ids[j]), key=lambda t: (-t[0], t[1]))[:k]
-        for pos, (val, tid) in enumerate(ranked):
-            # Competition rank: 1 + the entries strictly above (equal logprobs share a rank).
-            rank = next(r for r in range(pos + 1) if ranked[r][0] == val) + 1
-            entry.setdefault(tid, Logprob(val, rank))
+        entry = _logprob_entry(tokens[i], chosen_list[j], sampled_rank[j], top_vals[j], top_ids[j], k)
         if tokenizer is not None:
             for tid, lp_obj in entry.items():
                 lp_obj.decoded_token = tokenizer.decode([tid], skip_special_tokens=False)
         out[i] = entry
     return out
+
+
+def _logprob_entry(
+    token: int, logprob: float, rank: int, top_vals: list[float], top_ids: list[int], k: int
+) -> dict[int, Logprob]:
+    """{token, then the top k by rank}: one position's logprobs as callers see them."""
+    entry = {token: Logprob(logprob, rank)}
+    # Equal values: order by id so the answer does not depend on topk's internal order.
+    ranked = sorted(zip(top_vals, top_ids), key=lambda t: (-t[0], t[1]))[:k]
+    for pos, (val, tid) in enumerate(ranked):
+        # Competition rank: 1 + the entries strictly above (equal logprobs share a rank).
+        rank = next(r for r in range(pos + 1) if ranked[r][0] == val) + 1
+        entry.setdefault(tid, Logprob(val, rank))
+    return entry
+
+
+# Prompt logprobs take log_softmax over this many float32 values at a time (128 MiB), so a long prompt
+# chunk never has a float32 copy of all its logits.
+PROMPT_LOGPROBS_SLICE_ELEMENTS = 1 << 25
+
+
+def prompt_logprobs(logits: torch.Tensor, next_token_ids: Sequence[int], k: int) -> list[dict[int, Logprob]]:
+    """Prompt log-probabilities from `logits` [N, V] (any float dtype): row i holds the logits at one
+    prompt position and scores `next_token_ids[i]`, the prompt token after it. Each entry is that token's
+    Logprob and the row's top k, over the raw logits (log_softmax in float32) with competition ranks;
+    decoded_token is left to the caller."""
+    n, vocab = logits.shape
+    if n != len(next_token_ids):
+        raise ValueError(f"{n} rows of logits for {len(next_token_ids)} prompt tokens")
+    if n == 0:
+        return []
+    targets = torch.tensor(list(next_token_ids), dtype=torch.long, device=logits.device)
+    step = max(1, PROMPT_LOGPROBS_SLICE_ELEMENTS // vocab)
+    chosen, ranks, top_vals, top_ids = [], [], [], []
+    for lo in range(0, n, step):
+        lp = torch.log_softmax(logits[lo : lo + step].float(), dim=-1)
+        picked = lp.gather(1, targets[lo : lo + step, None])
+        chosen.append(picked.squeeze(1))
+        ranks.append((lp > picked).sum(dim=-1) + 1)
+        if k > 0:
+            vals, ids = lp.topk(min(k, vocab), dim=-1)
+            top_vals.append(vals)
+            top_ids.append(ids)
+    chosen_list = torch.cat(chosen).tolist()
+    rank_list = torch.cat(ranks).tolist()
+    vals_list = torch.cat(top_vals).tolist() if k > 0 else [[]] * n
+    ids_list = torch.cat(top_ids).tolist() if k > 0 else [[]] * n
+    return [
+        _logprob_entry(int(next_token_ids[i]), chosen_list[i], rank_list[i], vals_list[i], ids_list[i], k)
+        for i in range(n)
+    ]
 
 
 class Sampler:

@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 from glimpse.engine.cache import CacheManager
 from glimpse.engine.request import Sequence, SequenceStatus
 
+# A prompt whose logprobs are wanted has logits computed at every position of its chunk (tokens x vocab,
+# 256 MiB at 1024 tokens of a 131k vocabulary in bf16): its chunks stay this small so that tensor remains
+# well inside the activation memory a full step was profiled with.
+PROMPT_LOGPROBS_CHUNK_TOKENS = 1024
+
 
 @dataclass
 class ScheduledChunk:
@@ -98,6 +103,8 @@ class Scheduler:
         """Tokens to compute for `seq` this step: what it lacks, within the budget, and stopping at the
         next boundary where its Mamba state is to be snapshotted (the state exists only at chunk ends)."""
         n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+        if seq.prompt_logprobs_from is not None:
+            n = min(n, PROMPT_LOGPROBS_CHUNK_TOKENS)
         for point in seq.snapshot_points:
             if seq.num_computed_tokens < point < seq.num_computed_tokens + n:
                 n = point - seq.num_computed_tokens

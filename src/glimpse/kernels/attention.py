@@ -1,7 +1,9 @@
 """Attention over a paged KV cache (no position encoding in this model: causality is the only order).
 
 K/V live in blocks of `block_size` tokens, [blocks, block_size, kv_heads, head_dim]; a sequence's
-block table lists its blocks in order.
+block table lists its blocks in order. On CUDA the decode step and prompt chunks run Triton kernels
+(kernels/triton_attention.py, kernels/triton_prefill_attention.py) where `use_triton` allows; the torch
+code below is the reference (CPU, GLIMPSE_TRITON=0, other shapes).
 """
 
 from __future__ import annotations
@@ -9,7 +11,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from glimpse.kernels import triton_attention, triton_prefill_attention
+from glimpse.kernels import backend, triton_attention, triton_prefill_attention
+
+
+def use_triton(query: torch.Tensor, block_size: int) -> bool:
+    """Both paged attention kernels take these shapes: Triton usable on the query (see backend), and a cache
+    block size and head dim that are powers of two of at least 16 (tensor-core dots)."""
+    head_dim = query.shape[-1]
+    shapes_ok = all(n >= 16 and n & (n - 1) == 0 for n in (block_size, head_dim))
+    return backend.triton_usable(query) and shapes_ok
 
 
 def write_kv(
@@ -38,7 +48,7 @@ def paged_attention(
 ) -> torch.Tensor:
     """Each new token attends to its sequence's cached tokens and the new ones up to itself."""
     if all(n == 1 for n in query_lens):
-        if seq_lens is not None and triton_attention.available(query, key_cache.shape[1]):
+        if seq_lens is not None and use_triton(query, key_cache.shape[1]):
             return triton_attention.paged_decode_attention(
                 query, key_cache, value_cache, block_tables, seq_lens, scale
             )
@@ -49,11 +59,7 @@ def paged_attention(
     # its fastest (cuDNN) kernel builds a plan for every new sequence length, 80 ms to 1 s on an H100 the
     # first time a length is seen, which a server pays on most prompts; FlashAttention-2 was slower than
     # the Triton kernel at 8k tokens (docs/PERFORMANCE.md).
-    if (
-        prefill_tensors is not None
-        and key_cache.dtype == query.dtype
-        and triton_prefill_attention.available(query, block_size)
-    ):
+    if prefill_tensors is not None and key_cache.dtype == query.dtype and use_triton(query, block_size):
         cu, _, ctx = prefill_tensors
         return triton_prefill_attention.paged_prefill_attention(
             query, key_cache, value_cache, block_tables, cu, ctx, max(query_lens), scale

@@ -1,12 +1,21 @@
 """Causal depthwise convolution of the Mamba2 mixer, continuing from a per-sequence state.
 
-The state holds each sequence's last `kernel - 1` inputs, layout [slots, kernel - 1, channels].
+The state holds each sequence's last `kernel - 1` inputs, layout [slots, kernel - 1, channels]. On CUDA
+the Triton kernels of kernels/triton_conv.py run where `use_triton` allows; the torch code here is the
+reference (CPU, or GLIMPSE_TRITON=0).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from glimpse.kernels import backend, triton_conv
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """The conv kernels take x: Triton usable on it (see backend); any float dtype, strided rows."""
+    return backend.triton_usable(x)
 
 
 def causal_conv1d_varlen(
@@ -70,10 +79,8 @@ def causal_conv1d_varlen_silu(
 ) -> torch.Tensor:
     """silu(causal conv) of prompt chunks: one Triton launch (+ a small state update) on CUDA, with no host
     synchronisation; the torch reference elsewhere (or with GLIMPSE_TRITON=0)."""
-    from glimpse.kernels import triton_conv as _gpu
-
-    if _gpu.available(x):
-        return _gpu.causal_conv1d_varlen_silu(
+    if use_triton(x):
+        return triton_conv.causal_conv1d_varlen_silu(
             x, weight, bias, conv_state, cu_seqlens, slots, has_initial_state, max_seqlen, silu
         )
     return causal_conv1d_varlen_silu_ref(
@@ -89,13 +96,24 @@ def causal_conv1d_update(
     slots: torch.Tensor,  # int64 [B]
 ) -> torch.Tensor:
     """Decode: slide each sequence's window by one token."""
-    from glimpse.kernels import triton_conv as _gpu  # Triton on CUDA; torch below = reference
-
-    if _gpu.available(x):
-        return _gpu.causal_conv1d_update(x, weight, bias, conv_state, slots)
+    if use_triton(x):
+        return triton_conv.causal_conv1d_update(x, weight, bias, conv_state, slots)
     window = torch.cat([conv_state[slots].to(x.dtype), x.unsqueeze(1)], 1)  # [B, K, C]
     y = (window * weight.t().unsqueeze(0)).sum(1)
     if bias is not None:
         y = y + bias
     conv_state[slots] = window[:, 1:].to(conv_state.dtype)
     return y
+
+
+def causal_conv1d_update_silu(
+    x: torch.Tensor,  # [B, C] one new token per sequence
+    weight: torch.Tensor,  # [C, K]
+    bias: torch.Tensor | None,
+    conv_state: torch.Tensor,  # [slots, K-1, C], updated in place
+    slots: torch.Tensor,  # int64 [B]
+) -> torch.Tensor:
+    """silu(causal_conv1d_update(...)): the decode conv and the mixer's next activation, one pass on CUDA."""
+    if use_triton(x):
+        return triton_conv.causal_conv1d_update_silu(x, weight, bias, conv_state, slots)
+    return F.silu(causal_conv1d_update(x, weight, bias, conv_state, slots))

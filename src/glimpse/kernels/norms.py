@@ -1,20 +1,25 @@
 """RMS norms of NemotronH: the plain one (blocks, final norm) and the gated, grouped one (Mamba output).
 
 On CUDA each dispatches to a one-pass Triton kernel (kernels/triton_norms.py; GLIMPSE_TRITON=0 keeps the
-torch code below, which is the reference the kernels are tested against)."""
+torch code below, which is the reference the kernels are tested against). `use_triton` decides."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from glimpse.kernels import triton_norms as _gpu
+from glimpse.kernels import backend, triton_norms
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """The Triton norms take these tensors: Triton usable on each (see backend), all in dtypes they handle."""
+    return all(backend.triton_usable(t) and t.dtype in triton_norms.DTYPES for t in tensors)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Normalise in fp32, multiply by the weight in fp32, cast back (as the reference does)."""
-    if _gpu.available(x):
-        return _gpu.rms_norm(x, weight, eps)
+    if use_triton(x):
+        return triton_norms.rms_norm(x, weight, eps)
     dtype = x.dtype
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
@@ -27,8 +32,8 @@ def add_rms_norm(
     """(r, rms_norm(r, weight, eps)) with r = x + delta: a block's residual add and the next block's norm.
 
     x is not modified; r is a new tensor. One Triton pass on CUDA."""
-    if _gpu.available(x) and _gpu.available(delta):
-        return _gpu.add_rms_norm(x, delta, weight, eps)
+    if use_triton(x, delta):
+        return triton_norms.add_rms_norm(x, delta, weight, eps)
     r = x + delta
     return r, rms_norm(r, weight, eps)
 
@@ -37,8 +42,8 @@ def gated_rms_norm(
     x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, groups: int, eps: float
 ) -> torch.Tensor:
     """y = RMSNorm_grouped(x * silu(gate)) * weight: the gate comes BEFORE the norm in this model."""
-    if _gpu.available(x) and gate.dtype in _gpu.DTYPES and weight.dtype in _gpu.DTYPES:
-        return _gpu.gated_rms_norm(x, gate, weight, groups, eps)
+    if use_triton(x, gate, weight):
+        return triton_norms.gated_rms_norm(x, gate, weight, groups, eps)
     dtype = x.dtype
     h = x.float() * F.silu(gate.float())
     shape = h.shape

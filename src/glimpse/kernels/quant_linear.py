@@ -1,7 +1,7 @@
 """Linear layers over NVIDIA modelopt checkpoints' FP8 and NVFP4 weights: y = x @ Wᵀ (no bias).
 
 The torch code in each function is the reference (CPU, GLIMPSE_TRITON=0, or shapes the fast path can't
-take); on CUDA:
+take); on CUDA, where `use_scaled_mm` / `use_triton` allow:
 - `fp8_linear` runs cuBLASLt's FP8 matmul (`torch._scaled_mm`) on GPUs with FP8 matrix units (sm_89+):
   the activations are quantised exactly as the reference does, so the two differ only in accumulation.
 - `nvfp4_linear` runs the Triton W4A16 kernel (kernels/triton_nvfp4.py): bf16/fp16 activations against
@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from glimpse.kernels import triton_nvfp4 as _gpu
-from glimpse.kernels._triton import ENABLED
+from glimpse.kernels import backend, triton_nvfp4
 from glimpse.kernels.quant_formats import E4M3_MAX, dequantize_fp8, dequantize_nvfp4
 
 SCALED_MM_DTYPES = (torch.bfloat16, torch.float16)  # the model's activations; fp32 keeps the reference
@@ -25,10 +24,11 @@ def quantize_input_fp8(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tens
     return (x.float() / input_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
-def _scaled_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """cuBLASLt FP8 needs sm_89+, K and N multiples of 16, and a row-major [N, K] weight (passed as its
+def use_scaled_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """cuBLASLt FP8 takes these: CUDA tensors (and GLIMPSE_TRITON not 0, the switch of every fast path),
+    bf16/fp16 activations, sm_89+, K and N multiples of 16, and a row-major [N, K] weight (passed as its
     column-major transpose)."""
-    if not (ENABLED and x.is_cuda and weight.is_cuda and x.dtype in SCALED_MM_DTYPES):
+    if not (backend.ENABLED and x.is_cuda and weight.is_cuda and x.dtype in SCALED_MM_DTYPES):
         return False
     n, k = weight.shape
     return (
@@ -37,6 +37,11 @@ def _scaled_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and n % 16 == 0
         and weight.is_contiguous()
     )
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """The NVFP4 kernel takes x: Triton usable on it (see backend), in a dtype it handles."""
+    return backend.triton_usable(x) and x.dtype in triton_nvfp4.DTYPES
 
 
 def fp8_linear(
@@ -49,7 +54,7 @@ def fp8_linear(
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     xq = quantize_input_fp8(x2, input_scale)
-    if _scaled_mm_ok(x2, weight):
+    if use_scaled_mm(x2, weight):
         y = torch._scaled_mm(
             xq.contiguous(),
             weight.t(),
@@ -72,8 +77,8 @@ def nvfp4_linear(
     weight uint8 [N, K/2]; weight_scale float8_e4m3fn [N, K/16]; weight_scale_2 a one-element fp32 tensor."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if _gpu.available(x2):
-        y = _gpu.nvfp4_matmul(x2, weight, weight_scale, weight_scale_2)
+    if use_triton(x2):
+        y = triton_nvfp4.nvfp4_matmul(x2, weight, weight_scale, weight_scale_2)
     else:
         w = dequantize_nvfp4(weight, weight_scale, weight_scale_2, torch.float32)
         y = (x2.float() @ w.t()).to(x.dtype)

@@ -4,12 +4,41 @@
     y_t = S_t @ C_t + D * x_t
 
 Prompt chunks use the chunked form (exact, quadratic only inside a chunk); single tokens use the step.
-Everything is computed in fp32; the state pool may store fp32 or bf16.
+Everything is computed in fp32; the state pool may store fp32 or bf16. The loops here are the reference;
+on CUDA the scan runs vectorised over all chunks (kernels/ssd_vectorized.py), through the Triton kernels of
+kernels/triton_ssd.py where `use_triton_scan` allows, and the step runs kernels/triton_ssm_update.py where
+`use_triton_update` allows.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
+import torch.nn.functional as F
+
+from glimpse.kernels import backend, triton_ssm_update
+from glimpse.kernels.ssd_vectorized import ssd_chunk_scan_varlen_vectorized
+
+
+@functools.cache
+def _has_bf16_tensor_cores(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)
+
+
+def use_triton_scan(x: torch.Tensor) -> bool:
+    """The scan's Triton kernels take x: Triton usable on it (see backend), on a device with bf16 tensor
+    cores (sm_80 or newer)."""
+    if not backend.triton_usable(x):
+        return False
+    index = x.device.index
+    return _has_bf16_tensor_cores(torch.cuda.current_device() if index is None else index)
+
+
+def use_triton_update(x: torch.Tensor) -> bool:
+    """The decode step's Triton kernel takes x: Triton usable on it (see backend); any dtypes and strides."""
+    return backend.triton_usable(x)
 
 
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -60,10 +89,12 @@ def ssd_chunk_scan_varlen(
     chunk_size: int,
 ) -> torch.Tensor:
     """Packed prompt chunks of several sequences, each continuing from its cached state (or zeros)."""
-    if x.is_cuda:  # vectorised over all chunks on the GPU; the loops below are the reference
-        from glimpse.kernels.ssd_vectorized import ssd_chunk_scan_varlen_vectorized as _vec
-
-        return _vec(x, dt, A, B, C, D, ssm_state, cu_seqlens, slots, has_initial_state, chunk_size)
+    with_triton = use_triton_scan(x)
+    if with_triton or x.is_cuda:  # vectorised over all chunks, the heavy steps in Triton where they can run
+        return ssd_chunk_scan_varlen_vectorized(
+            x, dt, A, B, C, D, ssm_state, cu_seqlens, slots, has_initial_state, chunk_size,
+            use_triton=with_triton,
+        )  # fmt: skip
     heads = x.shape[1]
     xf, Bf, Cf = x.float(), _heads(B.float(), heads), _heads(C.float(), heads)
     y = torch.empty_like(xf)
@@ -87,10 +118,8 @@ def selective_state_update(
     slots: torch.Tensor,  # int64 [B]
 ) -> torch.Tensor:
     """Decode: one recurrent step for every sequence at once."""
-    from glimpse.kernels import triton_ssm_update as _gpu  # Triton on CUDA; torch below = reference
-
-    if _gpu.available(x):
-        return _gpu.selective_state_update(x, dt, A, B, C, D, ssm_state, slots)
+    if use_triton_update(x):
+        return triton_ssm_update.selective_state_update(x, dt, A, B, C, D, ssm_state, slots)
     heads = x.shape[1]
     xf = x.float()
     Bh, Ch = _heads(B.float(), heads), _heads(C.float(), heads)
@@ -100,3 +129,27 @@ def selective_state_update(
     ssm_state[slots] = state.to(ssm_state.dtype)
     y = torch.einsum("bhpn,bhn->bhp", state, Ch) + D.float()[None, :, None] * xf
     return y.to(x.dtype)
+
+
+def selective_state_update_fused_dt(
+    x: torch.Tensor,  # [B, H, P]
+    dt_raw: torch.Tensor,  # [B, H] dt straight out of in_proj (any float dtype, any strides)
+    dt_bias: torch.Tensor,  # [H]
+    A: torch.Tensor,  # [H] fp32, negative
+    B: torch.Tensor,  # [B, G, N]
+    C: torch.Tensor,  # [B, G, N]
+    D: torch.Tensor,  # [H]
+    ssm_state: torch.Tensor,  # [slots, H, P, N], updated in place
+    slots: torch.Tensor,  # int64 [B]
+    dt_limit: tuple[float, float] = (0.0, math.inf),
+) -> torch.Tensor:
+    """The decode step with dt = clamp(softplus(dt_raw + dt_bias), *dt_limit) (what Mamba2Mixer._dt computes),
+    inside the kernel on CUDA."""
+    if use_triton_update(x):
+        return triton_ssm_update.selective_state_update_fused_dt(
+            x, dt_raw, dt_bias, A, B, C, D, ssm_state, slots, dt_limit
+        )
+    dt = F.softplus(dt_raw.float() + dt_bias.float())
+    if dt_limit[0] > 0 or math.isfinite(dt_limit[1]):
+        dt = dt.clamp(dt_limit[0], dt_limit[1])
+    return selective_state_update(x, dt, A, B, C, D, ssm_state, slots)

@@ -32,11 +32,12 @@ are never expanded from groups to heads.
 
 from __future__ import annotations
 
+import bisect
 import math
-import statistics
-import time
 
 import torch
+
+from glimpse.kernels import triton_ssd
 
 _DEFAULT_GROUP_BYTES = 256 * 2**20  # largest per-group intermediate ([chunks, H, Q, Q] fp32 or states)
 
@@ -150,7 +151,7 @@ def ssd_chunk_scan_varlen_vectorized(
     group_bytes: int = _DEFAULT_GROUP_BYTES,
     chunk_group: int | None = None,
     compile_intra: bool = False,
-    use_triton: bool | None = None,
+    use_triton: bool = False,
     precision: str | None = None,
 ) -> torch.Tensor:
     """Packed prompt chunks of several sequences, each continuing from its cached state (or zeros).
@@ -160,11 +161,10 @@ def ssd_chunk_scan_varlen_vectorized(
     product through torch.compile, which fuses its elementwise passes over the [chunks, H, Q, Q] tensor. Slots must be distinct (the reference would chain sequences that
     share one; a serving batch never does).
 
-    `use_triton` (default: `triton_ssd.available(x)`, i.e. CUDA tensors with Triton installed and
-    GLIMPSE_TRITON not 0) runs the heavy steps as the Triton kernels of `glimpse.kernels.triton_ssd` on the
-    same chunk layout (`precision`: see that module; default its PRECISION); the PyTorch code below is the
-    fallback. With Triton, `group_bytes` bounds the [chunks, H, P, N] fp32 state buffer instead (its default
-    is then triton_ssd.DEFAULT_GROUP_BYTES).
+    `use_triton` (the caller, `ssd.ssd_chunk_scan_varlen`, decides) runs the heavy steps as the Triton kernels
+    of `glimpse.kernels.triton_ssd` on the same chunk layout (`precision`: see that module; default its
+    PRECISION) instead of the PyTorch code below. With Triton, `group_bytes` bounds the [chunks, H, P, N]
+    fp32 state buffer instead (its default is then triton_ssd.DEFAULT_GROUP_BYTES).
     """
     T, H, P = x.shape
     G, N = B.shape[1], B.shape[2]
@@ -189,10 +189,6 @@ def ssd_chunk_scan_varlen_vectorized(
         return out
 
     plan = _plan(cu_seqlens, slots, has_initial_state, Q, T, H, G, dev)
-    from glimpse.kernels import triton_ssd
-
-    if use_triton is None:
-        use_triton = triton_ssd.available(x)
     if use_triton:
         tb = triton_ssd.DEFAULT_GROUP_BYTES if group_bytes == _DEFAULT_GROUP_BYTES else group_bytes
         return triton_ssd.ssd_chunk_scan_varlen_triton(
@@ -313,8 +309,6 @@ def _intra_chunk_compiled():
 
 def _seq_range(chunk_of_seq: list[int], c0: int, c1: int) -> tuple[int, int]:
     """The sequences whose (sorted) chunk index lies in [c0, c1), as a range [lo, hi)."""
-    import bisect
-
     return bisect.bisect_left(chunk_of_seq, c0), bisect.bisect_left(chunk_of_seq, c1)
 
 
@@ -331,129 +325,3 @@ def _decay_matrix(log_alpha: torch.Tensor) -> torch.Tensor:
     seg = torch.cumsum(terms, dim=1)  # [H, i, k] = sum_{k<j<=i}
     seg.masked_fill_(ar[None, :] > ar[:, None], float("-inf"))  # k > i
     return seg.exp_()
-
-
-def bench_ssd(
-    tokens=(4096, 6192, 32768),
-    heads: int = 128,
-    head_dim: int = 80,
-    groups: int = 8,
-    state: int = 128,
-    chunk: int = 128,
-    device: str = "cuda",
-    iters: int = 20,
-    check_up_to: int = 8192,
-    state_dtype: torch.dtype = torch.float32,
-    compile_intra: bool = False,
-    use_triton: bool | None = None,
-    precision: str | None = None,
-    compare: bool = True,
-) -> list[dict]:
-    """Median time of one layer's scan (bf16 inputs, per-sequence initial states, fp32 state pool).
-
-    6,192 tokens are packed as the four prompts of notes/kernels.md (1500, 700, 3000, 992), every other
-    count as one prompt. Up to `check_up_to` tokens the result is also compared with the reference run on
-    CPU copies (max abs error of y over max |y|, and the same for the final states).
-
-    The row's figures are for the default path (`use_triton`, `precision`: as the scan's defaults, i.e.
-    the Triton kernels on CUDA when available). With `compare` and Triton in use, `row["variants"]` also
-    times the Triton kernels at precision "bf16" and "exact", with the chunk states fused with the state
-    passing or not (triton_ssd.FUSED_STATES), and the PyTorch path, each with its errors.
-    """
-    from glimpse.kernels import triton_ssd
-    from glimpse.kernels.ssd import ssd_chunk_scan_varlen as reference
-
-    results = []
-    dev = torch.device(device)
-    gen = torch.Generator().manual_seed(0)
-    for T in tokens:
-        lens = [1500, 700, 3000, 992] if T == 6192 else [T]
-        cu = [0]
-        for n in lens:
-            cu.append(cu[-1] + n)
-        nseq = len(lens)
-        x = torch.randn(T, heads, head_dim, generator=gen).bfloat16()
-        dt = torch.nn.functional.softplus(torch.randn(T, heads, generator=gen) - 2.0)
-        A = -torch.exp(torch.rand(heads, generator=gen) * 3.0)
-        B = torch.randn(T, groups, state, generator=gen).bfloat16()
-        C = torch.randn(T, groups, state, generator=gen).bfloat16()
-        D = torch.randn(heads, generator=gen)
-        pool0 = (0.1 * torch.randn(nseq + 1, heads, head_dim, state, generator=gen)).to(state_dtype)
-        slots = list(range(1, nseq + 1))
-        init = [True] * nseq
-        args = [t.to(dev) for t in (x, dt, A, B, C, D)]
-        pool = pool0.to(dev, copy=True)  # pool0 stays the pristine initial states
-        main_triton = triton_ssd.available(args[0]) if use_triton is None else use_triton
-        main_prec = (precision or triton_ssd.PRECISION) if main_triton else None
-        fused0 = triton_ssd.FUSED_STATES
-        variants = [(main_triton, main_prec, fused0)]
-        if compare and main_triton:
-            variants += [(True, p, fused0) for p in ("bf16", "exact") if p != main_prec]
-            variants += [(True, main_prec, not fused0), (False, None, fused0)]
-
-        def run(use, prec, fused, pool=pool, args=args, cu=cu, slots=slots, init=init, fused0=fused0):
-            triton_ssd.FUSED_STATES = fused
-            try:
-                return ssd_chunk_scan_varlen_vectorized(
-                    *args, pool, cu, slots, init, chunk,
-                    compile_intra=compile_intra, use_triton=use, precision=prec,
-                )  # fmt: skip
-            finally:
-                triton_ssd.FUSED_STATES = fused0
-
-        y_ref = ref_pool = None
-        row: dict = {}
-        for use, prec, fused in variants:
-            for _ in range(3):
-                pool.copy_(pool0)
-                y = run(use, prec, fused)
-            times = []
-            for _ in range(iters):
-                pool.copy_(pool0)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    y = run(use, prec, fused)
-                    end.record()
-                    torch.cuda.synchronize(dev)
-                    times.append(start.elapsed_time(end))
-                else:
-                    t = time.perf_counter()
-                    y = run(use, prec, fused)
-                    times.append((time.perf_counter() - t) * 1e3)
-            vrow = {
-                "path": (f"triton/{prec}/" + ("fused" if fused else "separate")) if use else "torch",
-                "median_ms": statistics.median(times),
-                "min_ms": min(times),
-                "tokens_per_s": T / statistics.median(times) * 1e3,
-            }
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-                torch.cuda.reset_peak_memory_stats(dev)
-                base = torch.cuda.memory_allocated(dev)
-                pool.copy_(pool0)
-                y = run(use, prec, fused)
-                torch.cuda.synchronize(dev)
-                vrow["peak_extra_MiB"] = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
-            if T <= check_up_to:
-                if y_ref is None:
-                    ref_pool = pool0.clone()
-                    y_ref = reference(x, dt, A, B, C, D, ref_pool, cu, slots, init, chunk).float()
-                vrow["y_rel_err"] = float((y.float().cpu() - y_ref).abs().max() / y_ref.abs().max())
-                got = pool.float().cpu()[1:]
-                want = ref_pool.float()[1:]
-                vrow["state_rel_err"] = float((got - want).abs().max() / want.abs().max())
-            if not row:
-                row = {
-                    "tokens": T,
-                    "seqlens": lens,
-                    "chunks": sum(max(1, math.ceil(n / chunk)) for n in lens),
-                    "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                    "compile_intra": compile_intra,
-                    **vrow,
-                }
-            if len(variants) > 1:
-                row.setdefault("variants", []).append(vrow)
-        results.append(row)
-    return results

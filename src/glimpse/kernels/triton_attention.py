@@ -15,27 +15,16 @@ online softmax. Two paths:
   NUM_SPLITS itself comes from host-known shapes only (batch, KV heads, table width), so a captured CUDA
   graph stays valid for any lengths it is replayed with. See `choose_num_splits`.
 
-Set GLIMPSE_TRITON=0 to use the torch path.
+`glimpse.kernels.attention` decides when it runs (and holds the torch path).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-from glimpse.kernels._triton import ENABLED, HAS_TRITON, tl, triton  # noqa: F401
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def available(t: torch.Tensor, block_size: int = 16) -> bool:
-    """CUDA, Triton, and shapes the kernel takes: tensor-core dots need blocks and head dims of 16+, powers of 2."""
-    head_dim = t.shape[-1]
-    shapes_ok = all(n >= 16 and n & (n - 1) == 0 for n in (block_size, head_dim))
-    return ENABLED and HAS_TRITON and t.is_cuda and shapes_ok
-
+from glimpse.kernels.backend import HAS_TRITON, INTERPRET, tl, triton
 
 if HAS_TRITON:
 
@@ -307,7 +296,7 @@ def paged_decode_attention(
             out.stride(0), out.stride(1),
             tables.stride(0),
             GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=D, BLOCK_SIZE=block_size,
-            PRECISION=precision, INTERP=_INTERPRET,
+            PRECISION=precision, INTERP=INTERPRET,
         )  # fmt: skip
         return out
     acc = torch.empty(B, H, num_splits, D, device=query.device, dtype=torch.float32)
@@ -324,7 +313,7 @@ def paged_decode_attention(
         acc.stride(0), acc.stride(1), acc.stride(2),
         m.stride(0), m.stride(1),
         NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=D,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, PRECISION=precision, INTERP=_INTERPRET,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, PRECISION=precision, INTERP=INTERPRET,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     _paged_decode_reduce_kernel[(B, H)](

@@ -9,18 +9,17 @@ accumulated in fp32 and rounded once to x's dtype (the torch reference rounds ea
 so in bf16 the two differ by about one bf16 ulp; against an fp32 evaluation this one is the closer).
 `causal_conv1d_update_silu` returns silu(y) from the same pass, which is what the mixer uses next.
 
-This module imports without Triton (`HAS_TRITON` is then False).
+This module imports without Triton (`HAS_TRITON` is then False); `glimpse.kernels.causal_conv1d` decides
+when its kernels run.
 """
 
 from __future__ import annotations
 
 import torch
 
-from glimpse.kernels.triton_ssm_update import HAS_TRITON, available
+from glimpse.kernels.backend import HAS_TRITON, tl, triton
 
 if HAS_TRITON:
-    import triton
-    import triton.language as tl
 
     @triton.jit
     def _conv_update_kernel(
@@ -142,12 +141,8 @@ def causal_conv1d_update_silu(
     block_c: int | None = None,
     num_warps: int | None = None,
 ) -> torch.Tensor:
-    """silu(causal_conv1d_update(...)) in one pass; the torch reference (then silu) where Triton can't run."""
-    if available(x):
-        return _launch(x, weight, bias, conv_state, slots, True, block_c, num_warps)
-    from glimpse.kernels.causal_conv1d import causal_conv1d_update as reference
-
-    return torch.nn.functional.silu(reference(x, weight, bias, conv_state, slots))
+    """silu(causal_conv1d_update(...)) in one pass."""
+    return _launch(x, weight, bias, conv_state, slots, True, block_c, num_warps)
 
 
 # Prompt chunks ---------------------------------------------------------------------------------------

@@ -40,18 +40,13 @@ from dataclasses import dataclass
 
 import torch
 
-from glimpse.kernels._triton import ENABLED, HAS_TRITON, tl, triton
+from glimpse.kernels.backend import HAS_TRITON, tl, triton
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 GROUP = 16
 DECODE_MAX_ROWS = 64
 """Largest M the default dispatch sends to the split-K variant (beyond: PREFILL_VARIANT)."""
 PREFILL_VARIANT = "tiled"
-
-
-def available(x: torch.Tensor) -> bool:
-    """True when `x` lives on a CUDA device and the Triton kernels can run on it."""
-    return ENABLED and HAS_TRITON and x.is_cuda and x.dtype in DTYPES
 
 
 @dataclass(frozen=True)
@@ -67,7 +62,7 @@ class LaunchConfig:
 
 
 def default_config(variant: str, m: int) -> LaunchConfig:
-    """Simple starting points, to be tuned on the card (python -m glimpse.bench.quant_kernels)."""
+    """Simple starting points, to be tuned on the card (python -m glimpse.bench.kernels.quant_linear)."""
     if variant == "splitk":
         block_m = 1 if m == 1 else min(64, max(16, triton.next_power_of_2(m)))
         return LaunchConfig(block_m=block_m, block_n=64, block_k=128, num_warps=4)

@@ -14,15 +14,14 @@ loaded, so whatever sits there (stale data, NaN) cannot leak in.
 
 Sequence boundaries and context lengths come from device tensors; the only host value is the longest
 chunk, which sizes the grid (programs past their sequence's end exit at once). No host synchronisation.
-Set GLIMPSE_TRITON=0 to use the torch path.
+`glimpse.kernels.attention` decides when it runs (the same shape rule as decode) and holds the torch path.
 """
 
 from __future__ import annotations
 
 import torch
 
-from glimpse.kernels._triton import ENABLED, HAS_TRITON, tl, triton  # noqa: F401
-from glimpse.kernels.triton_attention import available  # noqa: F401  (the same shape rule as decode)
+from glimpse.kernels.backend import HAS_TRITON, tl, triton
 
 LOG2E = 1.4426950408889634
 
@@ -231,118 +230,3 @@ def paged_prefill_attention(
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )  # fmt: skip
     return out
-
-
-# GPU timing ---------------------------------------------------------------------------------------------
-
-
-def prefill_flops(chunk: int, context: int, heads: int, head_dim: int) -> int:
-    """Useful FLOPs of one sequence's chunk: QK^T and PV over the keys each token sees (2 x 2 x H x D each)."""
-    keys_seen = chunk * context + chunk * (chunk + 1) // 2
-    return 4 * heads * head_dim * keys_seen
-
-
-def bench_prefill_attention(
-    chunk: int = 8192,
-    context=(0, 8192, 24576),
-    heads: int = 40,
-    kv_heads: int = 8,
-    head_dim: int = 128,
-    block_size: int = 16,
-    dtype: torch.dtype = torch.bfloat16,
-    configs=(None, (128, 128, 8, 3), (128, 64, 8, 2), (128, 32, 8, 4), (64, 64, 4, 3), (64, 128, 8, 3)),
-    reference: bool = True,
-    reps: int = 10,
-    device: str = "cuda",
-    verbose: bool = True,
-) -> list[dict]:
-    """ms per call and achieved TFLOP/s of paged_prefill_attention for one sequence's `chunk` new tokens on
-    top of each `context` length (12B shapes by default: 40 heads over 8 KV heads, head_dim 128, block 16),
-    for each launch config (BLOCK_M, BLOCK_N, num_warps, num_stages; None = default_config), and of the
-    torch path in kernels/attention.py (`torch_ms`, `torch_tflops`; context 0 takes its SDPA-causal
-    branch). Block tables are a random permutation of the pool, as after churn. Each row also carries the
-    largest |difference| from the torch path. Median of `reps` CUDA-event timed calls after a warm-up.
-    """
-    import statistics
-
-    from glimpse.kernels.attention import paged_attention
-
-    def time_ms(fn) -> float:
-        fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
-
-    g = torch.Generator(device=device).manual_seed(0)
-    scale = head_dim**-0.5
-    rows = []
-    for ctx in context:
-        total = ctx + chunk
-        num_blocks = -(-total // block_size) + 8
-        pool_shape = (num_blocks, block_size, kv_heads, head_dim)
-        key_cache = torch.randn(pool_shape, device=device, generator=g).to(dtype)
-        value_cache = torch.randn(pool_shape, device=device, generator=g).to(dtype)
-        perm = torch.randperm(num_blocks, device=device, generator=g)
-        tables = perm[: -(-total // block_size)][None, :].to(torch.int64)
-        query = torch.randn(chunk, heads, head_dim, device=device, generator=g).to(dtype)
-        pos = torch.arange(ctx, total, device=device)
-        slots = tables[0, pos // block_size] * block_size + pos % block_size
-        key = key_cache.view(-1, kv_heads, head_dim)[slots]
-        value = value_cache.view(-1, kv_heads, head_dim)[slots]
-        cu = torch.tensor([0, chunk], dtype=torch.int32, device=device)
-        ctx_t = torch.tensor([ctx], dtype=torch.int32, device=device)
-        flops = prefill_flops(chunk, ctx, heads, head_dim)
-        label = str(dtype).removeprefix("torch.")
-        row = {"chunk": chunk, "context": ctx, "dtype": label, "gflop": flops / 1e9}
-        expect = None
-        if reference:
-
-            def torch_path(q=query, kc=key_cache, vc=value_cache, tables=tables, ctx=ctx, k=key, v=value):
-                return paged_attention(q, kc, vc, tables, [chunk], [ctx], scale, k, v)
-
-            try:
-                expect = torch_path()
-                row["torch_ms"] = time_ms(torch_path)
-                row["torch_tflops"] = flops / (row["torch_ms"] * 1e-3) / 1e12
-            except torch.cuda.OutOfMemoryError as e:  # its gathered keys and dense mask may not fit
-                row["torch_error"] = f"OutOfMemoryError: {str(e)[:120]}"
-                torch.cuda.empty_cache()
-        for cfg in configs:
-            kw = {} if cfg is None else dict(zip(("block_m", "block_n", "num_warps", "num_stages"), cfg))
-            name = "triton" if cfg is None else "triton_m{}_n{}_w{}_s{}".format(*cfg)
-
-            def call(kw=kw, query=query, key_cache=key_cache, value_cache=value_cache, tables=tables,
-                     cu=cu, ctx_t=ctx_t):  # fmt: skip
-                return paged_prefill_attention(
-                    query, key_cache, value_cache, tables, cu, ctx_t, chunk, scale, **kw
-                )
-
-            try:
-                out = call()
-                ms = time_ms(call)
-            except Exception as e:  # a config that does not fit (shared memory) is reported, not fatal
-                row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:120]}"
-                continue
-            row[f"{name}_ms"] = ms
-            row[f"{name}_tflops"] = flops / (ms * 1e-3) / 1e12
-            if expect is not None:
-                row[f"{name}_max_diff"] = (out.float() - expect.float()).abs().max().item()
-        if "torch_ms" in row and "triton_ms" in row:
-            row["speedup"] = row["torch_ms"] / row["triton_ms"]
-        if verbose:
-            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-        rows.append(row)
-        del key_cache, value_cache, query, key, value, expect
-        torch.cuda.empty_cache()
-    return rows
-
-
-if __name__ == "__main__":  # pragma: no cover - needs a GPU
-    bench_prefill_attention()

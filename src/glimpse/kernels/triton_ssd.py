@@ -47,12 +47,12 @@ GLIMPSE_SSD_PRECISION) picks how that operand enters the tensor cores when x, B,
       on y and 2.1e-3 on the final states (exact: 1.3e-3, which is y's own bf16 rounding, and 1.2e-5).
 Other input dtypes (fp32, fp16) use fp32 dots (input_precision="ieee").
 
-Under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) bf16 dots are computed wrongly by this Triton
+Under the Triton interpreter (TRITONINTERPRET=1, CPU tensors) bf16 dots are computed wrongly by this Triton
 version (numpy multiplies the raw bf16 bits), so the kernels upcast the bf16 parts to fp32 before each dot
 there (`INTERP`), and use `while` loops (the interpreter can't take a runtime `range` bound).
 
-This module imports without Triton (`HAS_TRITON` is then False); set GLIMPSE_TRITON=0 to keep the PyTorch
-path on CUDA.
+This module imports without Triton (`HAS_TRITON` is then False); `glimpse.kernels.ssd` decides when the
+kernels run.
 """
 
 from __future__ import annotations
@@ -63,17 +63,17 @@ import os
 
 import torch
 
-from glimpse.kernels._triton import ENABLED, HAS_TRITON, tl, triton  # noqa: F401
+from glimpse.kernels.backend import HAS_TRITON, INTERPRET, tl, triton
 
 PRECISION = os.environ.get("GLIMPSE_SSD_PRECISION", "bf16")
 _SPLITS = {"exact": 3, "bf16x3": 3, "bf16x2": 2, "bf16": 1}
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Largest state buffer ([chunks, H, P, N] fp32) per group of chunks; 512 MiB = 97 chunks of the 12B
 # (12,000 tokens) per group. The [chunks, G, Q, Q] CB buffer is 10x smaller.
 DEFAULT_GROUP_BYTES = 512 * 2**20
 
-# Launch configurations (untuned guesses for an H100; `sweep_configs` times alternatives on a GPU).
+# Launch configurations (untuned guesses for an H100; glimpse.bench.kernels.ssd.sweep_configs times
+# alternatives on a GPU).
 #   scan:    (BLOCK_T, BLOCK_S, BLOCK_P, BLOCK_K (N per step of the inter-chunk product), num_warps, num_stages)
 #   fused:   (BLOCK_P, BLOCK_N, num_warps, num_stages)  chunk states + state passing in one walk
 #   state:   (BLOCK_P, num_warps, num_stages)
@@ -90,19 +90,6 @@ CONFIG = dict(DEFAULT_CONFIG)
 # One kernel walks each sequence's chunks computing S_c and passing the state (no S round trip through
 # memory), instead of the chunk-state kernel + the state-passing kernel (env GLIMPSE_SSD_FUSED=0).
 FUSED_STATES = os.environ.get("GLIMPSE_SSD_FUSED", "1") != "0"
-
-
-_CAPABLE: dict = {}
-
-
-def available(t: torch.Tensor) -> bool:
-    """True when `t` lives on a CUDA device that can run the kernels (bf16 tensor cores: sm_80 or newer)."""
-    if not (ENABLED and HAS_TRITON and t.is_cuda):
-        return False
-    dev = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    if dev not in _CAPABLE:
-        _CAPABLE[dev] = torch.cuda.get_device_capability(dev) >= (8, 0)
-    return _CAPABLE[dev]
 
 
 def _split(precision: str | None, *tensors: torch.Tensor) -> int:
@@ -684,7 +671,7 @@ def chunk_state(x, dt, A, B, tok0, clen, chunk_size, *, precision=None, config=N
     _chunk_state_kernel[grid](
         x, dt, A, B, tok0, clen, S, a, H, P, N, H // G,
         *x.stride(), *dt.stride(), *B.stride(),
-        Q, _p2(Q), block_p, _p2(N), _split(precision, x, B), _INTERPRET,
+        Q, _p2(Q), block_p, _p2(N), _split(precision, x, B), INTERPRET,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return S, a
@@ -704,7 +691,7 @@ def chunk_cb(C, B, tok0, clen, chunk_size, *, precision=None, config=None, CB=No
     grid = (triton.cdiv(Q, bt) * triton.cdiv(Q, bs), G, nc)
     _chunk_cb_kernel[grid](
         C, B, tok0, clen, CB, G, N, *C.stride(), *B.stride(),
-        Q, bt, bs, _p2(N), _split(precision, C, B), _INTERPRET,
+        Q, bt, bs, _p2(N), _split(precision, C, B), INTERPRET,
         num_warps=warps,
     )  # fmt: skip
     return CB
@@ -732,7 +719,7 @@ def state_passing(
     _state_passing_kernel[grid](
         S, a, ssm_state, carry_in, carry_out, seq_cstart, seq_nch, seq_slot, seq_init,
         int(chunk_lo), int(chunk_hi), H, P * N, N, *ssm_state.stride(),
-        Q, block, _INTERPRET,
+        Q, block, INTERPRET,
         num_warps=warps,
     )  # fmt: skip
     return S
@@ -766,7 +753,7 @@ def chunk_state_fused(
         x, dt, A, B, tok0, clen, E, a, ssm_state, carry_in, carry_out, seq_cstart, seq_nch, seq_slot, seq_init,
         int(chunk_lo), int(chunk_hi), H, P, N, H // G,
         *x.stride(), *dt.stride(), *B.stride(), *ssm_state.stride(),
-        Q, _p2(Q), bp, bn, _split(precision, x, B), _INTERPRET,
+        Q, _p2(Q), bp, bn, _split(precision, x, B), INTERPRET,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return E, a
@@ -789,7 +776,7 @@ def chunk_scan(x, dt, C, CB, a, E, D, tok0, clen, chunk_size, out, *, precision=
     _chunk_scan_kernel[grid](
         x, dt, C, CB, a, E, D, out, tok0, clen, H, G, P, N, H // G,
         *x.stride(), *dt.stride(), *C.stride(), *out.stride(),
-        Q, bt, bs, bp, bn, bk, _split(precision, x, C), _INTERPRET,
+        Q, bt, bs, bp, bn, bk, _split(precision, x, C), INTERPRET,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
@@ -888,106 +875,3 @@ def chunk_layout(cu_seqlens: list[int], chunk_size: int, device) -> dict:
         "first_chunk": cstart,
         "last_chunk": [c + n - 1 for c, n in zip(cstart, nch)],
     }
-
-
-# ----------------------------------------------------------------------------------------- tuning
-def sweep_configs(tokens=(1500, 700, 3000, 992), heads=128, head_dim=80, groups=8, state=128, chunk=128,
-                  precision=None, iters=20, device="cuda", candidates=None) -> list[dict]:  # fmt: skip
-    """On a GPU: time each kernel under alternative launch configurations (12B shapes, the 6,192-token
-    batch of bench_ssd). Returns rows {kernel, config, ms, rel_diff_vs_default}; set CONFIG[kernel] to
-    the fastest to use it. `candidates` ({kernel: [config, ...]}) replaces the built-in lists."""
-    import statistics
-    import time
-
-    dev = torch.device(device)
-    gen = torch.Generator().manual_seed(0)
-    cu = [0]
-    for n in tokens:
-        cu.append(cu[-1] + n)
-    T = cu[-1]
-    x = torch.randn(T, heads, head_dim, generator=gen).bfloat16().to(dev)
-    dt = torch.nn.functional.softplus(torch.randn(T, heads, generator=gen) - 2.0).to(dev)
-    A = (-torch.exp(torch.rand(heads, generator=gen) * 3.0)).to(dev)
-    B = torch.randn(T, groups, state, generator=gen).bfloat16().to(dev)
-    C = torch.randn(T, groups, state, generator=gen).bfloat16().to(dev)
-    D = torch.randn(heads, generator=gen).to(dev)
-    lay = chunk_layout(cu, chunk, dev)
-    nseq = len(tokens)
-    pool = torch.zeros(nseq, heads, head_dim, state, device=dev)
-    slot = torch.arange(nseq, device=dev)
-    init = torch.zeros(nseq, dtype=torch.int64, device=dev)  # the walks start from zeros: repeatable
-    out = torch.empty_like(x)
-    S, a = chunk_state(x, dt, A, B, lay["tok0"], lay["clen"], chunk, precision=precision)
-    CB = chunk_cb(C, B, lay["tok0"], lay["clen"], chunk, precision=precision)
-    carry = torch.empty(2, 1, device=dev)
-    Ctot = lay["tok0"].numel()
-
-    def timed(fn):
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(iters):
-            if dev.type != "cuda":
-                t = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t) * 1e3)
-                continue
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e))
-        return statistics.median(times)
-
-    kw = {"precision": precision}
-    candidates = candidates or {
-        "fused": [
-            (32, 128, 4, 2), (16, 128, 4, 2), (32, 64, 4, 2), (32, 128, 8, 2), (16, 64, 4, 2), (64, 128, 8, 2),
-            (32, 128, 4, 3), (16, 128, 4, 3),
-        ],
-        "state": [(16, 4, 2), (32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 8, 2), (128, 8, 2), (128, 8, 1)],
-        "cb": [(64, 64, 4), (128, 128, 8), (128, 64, 8), (64, 32, 4)],
-        "passing": [(256, 4), (512, 4), (1024, 4), (2048, 8), (4096, 8)],
-        "scan": [
-            (64, 64, 128, 32, 8, 2), (64, 64, 128, 32, 4, 2), (64, 64, 128, 64, 8, 2), (64, 32, 128, 32, 4, 3),
-            (128, 64, 128, 32, 8, 2), (128, 32, 128, 32, 8, 2), (64, 64, 32, 32, 4, 2), (64, 64, 32, 128, 4, 2),
-            (128, 64, 32, 64, 8, 2), (64, 64, 64, 64, 4, 2), (128, 128, 128, 32, 8, 1),
-        ],
-    }  # fmt: skip
-    fns = {
-        "fused": lambda cfg: chunk_state_fused(
-            x, dt, A, B, lay["tok0"], lay["clen"], chunk, pool, lay["seq_cstart"], lay["seq_nch"], slot, init,
-            0, Ctot, carry[0], carry[1], E=S, a=a, config=cfg, **kw,
-        ),
-        "state": lambda cfg: chunk_state(x, dt, A, B, lay["tok0"], lay["clen"], chunk, S=S, a=a, config=cfg, **kw),
-        "cb": lambda cfg: chunk_cb(C, B, lay["tok0"], lay["clen"], chunk, CB=CB, config=cfg, **kw),
-        "passing": lambda cfg: state_passing(
-            S, a, pool, lay["seq_cstart"], lay["seq_nch"], slot, init, 0, Ctot, carry[0], carry[1], config=cfg
-        ),
-        "scan": lambda cfg: chunk_scan(x, dt, C, CB, a, S, D, lay["tok0"], lay["clen"], chunk, out, config=cfg, **kw),
-    }  # fmt: skip
-    outputs = {
-        "fused": S,
-        "state": S,
-        "cb": CB,
-        "scan": out,
-    }  # compared with the default configuration's result
-    rows = []
-    for kernel, cfgs in candidates.items():
-        want = None
-        if kernel in outputs:
-            fns[kernel](CONFIG[kernel])
-            want = outputs[kernel].float().clone()
-        for cfg in cfgs:
-            try:
-                ms = timed(lambda cfg=cfg, kernel=kernel: fns[kernel](cfg))
-            except Exception as exc:  # an impossible config (resources) is reported, not fatal
-                rows.append({"kernel": kernel, "config": cfg, "error": repr(exc)[:200]})
-                continue
-            row = {"kernel": kernel, "config": cfg, "ms": ms, "default": cfg == CONFIG[kernel]}
-            if want is not None:
-                got = outputs[kernel].float()
-                row["rel_diff_vs_default"] = float((got - want).abs().max() / want.abs().max())
-            rows.append(row)
-    return rows

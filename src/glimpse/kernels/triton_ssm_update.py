@@ -15,7 +15,7 @@ does. B and C stay [batch, groups, state]: the kernel picks the group, nothing i
 dt = clamp(softplus(dt_raw + dt_bias), dt_min, dt_max) in the kernel (what Mamba2Mixer._dt does in torch).
 
 This module imports without Triton (`HAS_TRITON` is then False); the kernels exist only where it is
-installed. Set GLIMPSE_TRITON=0 to keep the torch reference path on CUDA tensors.
+installed. `glimpse.kernels.ssd` decides when they run.
 """
 
 from __future__ import annotations
@@ -24,13 +24,7 @@ import math
 
 import torch
 
-from glimpse.kernels._triton import ENABLED, HAS_TRITON, tl, triton  # noqa: F401
-
-
-def available(t: torch.Tensor) -> bool:
-    """True when `t` lives on a CUDA device and the Triton kernels can run on it."""
-    return ENABLED and HAS_TRITON and t.is_cuda
-
+from glimpse.kernels.backend import HAS_TRITON, tl, triton
 
 # Launch defaults, chosen from the device sweep recorded in docs/KERNELS.md (H100, 2026-11-25).
 DEFAULT_CONFIG = {
@@ -230,16 +224,6 @@ def selective_state_update_fused_dt(
     block_p: int | None = None,
     num_warps: int | None = None,
 ) -> torch.Tensor:
-    """The decode step with dt = clamp(softplus(dt_raw + dt_bias), *dt_limit) computed in the kernel.
-
-    Equals `ssd.selective_state_update(x, Mamba2Mixer._dt(dt_raw), ...)`; runs the torch reference where
-    Triton can't (CPU tensors, no Triton, GLIMPSE_TRITON=0), so the mixer may call it unconditionally.
-    """
-    if available(x):
-        return _launch(x, dt_raw, dt_bias, A, B, C, D, ssm_state, slots, dt_limit, block_p, num_warps)
-    from glimpse.kernels.ssd import selective_state_update as reference
-
-    dt = torch.nn.functional.softplus(dt_raw.float() + dt_bias.float())
-    if dt_limit[0] > 0 or math.isfinite(dt_limit[1]):
-        dt = dt.clamp(dt_limit[0], dt_limit[1])
-    return reference(x, dt, A, B, C, D, ssm_state, slots)
+    """The decode step with dt = clamp(softplus(dt_raw + dt_bias), *dt_limit) computed in the kernel: the same
+    contract as `glimpse.kernels.ssd.selective_state_update_fused_dt`."""
+    return _launch(x, dt_raw, dt_bias, A, B, C, D, ssm_state, slots, dt_limit, block_p, num_warps)

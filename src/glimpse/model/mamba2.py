@@ -9,11 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from glimpse.config import NemotronHConfig
-from glimpse.kernels.causal_conv1d import causal_conv1d_varlen_silu
+from glimpse.kernels.causal_conv1d import causal_conv1d_update_silu, causal_conv1d_varlen_silu
 from glimpse.kernels.norms import gated_rms_norm
-from glimpse.kernels.ssd import ssd_chunk_scan_varlen
-from glimpse.kernels.triton_conv import causal_conv1d_update_silu
-from glimpse.kernels.triton_ssm_update import selective_state_update_fused_dt
+from glimpse.kernels.ssd import selective_state_update_fused_dt, ssd_chunk_scan_varlen
 from glimpse.model.batch import CacheTensors, ForwardBatch
 
 

@@ -20,8 +20,12 @@ from typing import Literal
 import torch
 
 from glimpse.config import NemotronHConfig, VLConfig
+from glimpse.kernels.quant_formats import E2M1_MAX, E4M3_MAX, quantize_fp8, quantize_nvfp4
+from glimpse.model.batch import CacheTensors, ForwardBatch
 from glimpse.model.nemotron_h import NemotronHForCausalLM
+from glimpse.model.quant_linear import Quantization, published_quant_config, quantized_linear_names
 from glimpse.model.tiny_vl import TINY_VL_CONTEXT, tiny_vl_checkpoint
+from glimpse.quantization import QuantConfig
 
 BUILTIN_MODELS = ("tiny", "tiny-vl")
 
@@ -166,6 +170,68 @@ def random_llm_state_dict(config: NemotronHConfig, seed: int) -> dict[str, torch
     return out
 
 
+@torch.no_grad()
+def quantize_llm_state(
+    config: NemotronHConfig,
+    state: dict[str, torch.Tensor],
+    quant: QuantConfig,
+    prefix: str = "",
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """The language model's tensors (our names, `backbone.*`) with its quantised layers in modelopt's
+    layout, beside each `X.weight`: FP8 `X.weight_scale`, `X.input_scale`; NVFP4 `X.weight_scale`,
+    `X.weight_scale_2`, `X.input_scale`. `prefix` is the language model's name in the checkpoint
+    (`language_model.` in the VL one), for the exclusion list. The static input scales are calibrated on
+    a random prompt: amax / 448 (FP8), amax / (6 · 448) (NVFP4, whose activations would be E2M1)."""
+    model = NemotronHForCausalLM(config)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    layers = set(quantized_linear_names(model, quant, prefix))
+    amax = _input_amax(model, sorted(layers), seed)
+    out = {}
+    for name, t in state.items():
+        layer = name.removesuffix(".weight")
+        if layer not in layers or layer == name:
+            out[name] = t
+        elif quant.algo == "FP8":
+            out[name], out[layer + ".weight_scale"] = quantize_fp8(t.float())
+            out[layer + ".input_scale"] = torch.tensor(amax[layer] / E4M3_MAX)
+        else:
+            out[name], out[layer + ".weight_scale"], out[layer + ".weight_scale_2"] = quantize_nvfp4(
+                t.float()
+            )
+            out[layer + ".input_scale"] = torch.tensor(amax[layer] / (E2M1_MAX * E4M3_MAX))
+    return out
+
+
+def _input_amax(
+    model: NemotronHForCausalLM, layers: list[str], seed: int, tokens: int = 64
+) -> dict[str, float]:
+    """max |input| of each named linear layer over one forward pass of `tokens` random token ids."""
+    config = model.config
+    ids = torch.randint(config.vocab_size, (tokens,), generator=torch.Generator().manual_seed(seed + 2))
+    block = 16
+    m, a = config.num_mamba_layers, config.num_attention_layers
+    cache = CacheTensors(
+        conv_state=torch.zeros(m, 1, config.conv_kernel - 1, config.mamba_conv_dim),
+        ssm_state=torch.zeros(m, 1, config.mamba_num_heads, config.mamba_head_dim, config.ssm_state_size),
+        key_cache=torch.zeros(a, tokens // block, block, config.num_key_value_heads, config.head_dim),
+        value_cache=torch.zeros(a, tokens // block, block, config.num_key_value_heads, config.head_dim),
+    )
+    batch = ForwardBatch([tokens], [0], torch.tensor([0]), torch.arange(tokens // block).view(1, -1))
+    amax = dict.fromkeys(layers, 0.0)
+
+    def record(name: str):
+        return lambda module, args: amax.__setitem__(name, max(amax[name], args[0].abs().max().item()))
+
+    hooks = [model.get_submodule(name).register_forward_pre_hook(record(name)) for name in layers]
+    try:
+        model(batch, cache, input_ids=ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return amax
+
+
 def write_safetensors(state: dict[str, torch.Tensor], out_dir: Path, shards: int = 1) -> None:
     """One file, or `shards` files with model.safetensors.index.json, as the hub's checkpoints are."""
     from safetensors.torch import save_file
@@ -202,22 +268,44 @@ def make_tiny(
     style: Style = "nvidia",
     name_prefix: Literal["backbone", "model"] = "backbone",
     shards: int = 1,
+    quantization: Quantization | None = None,
 ) -> Path:
-    """Write a tiny checkpoint. Text: NemotronHForCausalLM layout. VL: NemotronH_Nano_VL_V2 layout."""
+    """Write a tiny checkpoint. Text: NemotronHForCausalLM layout. VL: NemotronH_Nano_VL_V2 layout.
+
+    `quantization` (`fp8`, `nvfp4`) writes a modelopt checkpoint of the same weights (the same seed's
+    bf16 checkpoint is its twin): the language model's linear layers quantised, everything the published
+    exclusion list names (vision tower, mlp1, conv1d, lm_head) and embeddings and norms as before, and
+    `hf_quant_config.json`.
+    A ValueError, before anything is written, when `out_dir` can't be made a directory (a file there)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"cannot write a checkpoint into {str(out)!r}: a file is in the way") from None
+    except OSError as e:
+        raise ValueError(f"cannot write a checkpoint into {str(out)!r}: {e.strerror}") from None
     tokenizer = build_tokenizer()
     vocab = (len(tokenizer) + 63) // 64 * 64
+    quant = published_quant_config(quantization) if quantization else None
     config: NemotronHConfig | VLConfig
     if vl:
         llm = tiny_text_config(max_position_embeddings=TINY_VL_CONTEXT, vocab_size=vocab)
-        llm_state = rename_llm(random_llm_state_dict(llm, seed), "backbone", outer="language_model.")
-        config, state = tiny_vl_checkpoint(llm, llm_state, seed)
+        llm_state = random_llm_state_dict(llm, seed)
+        if quant is not None:
+            llm_state = quantize_llm_state(llm, llm_state, quant, "language_model.", seed)
+        config, state = tiny_vl_checkpoint(
+            llm, rename_llm(llm_state, "backbone", outer="language_model."), seed
+        )
     else:
         config = llm = tiny_text_config(vocab_size=vocab)
-        state = rename_llm(random_llm_state_dict(llm, seed), name_prefix)
+        state = random_llm_state_dict(llm, seed)
+        if quant is not None:
+            state = quantize_llm_state(llm, state, quant, "", seed)
+        state = rename_llm(state, name_prefix)
     write_safetensors(state, out, shards)
     (out / "config.json").write_text(json.dumps(config.to_dict(style), indent=2))
+    if quant is not None:
+        (out / "hf_quant_config.json").write_text(json.dumps(quant.to_hf_quant_config(), indent=2))
     write_tokenizer_files(tokenizer, out, llm)
     return out
 

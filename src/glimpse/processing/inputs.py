@@ -14,7 +14,7 @@ from glimpse.config import VLConfig
 from glimpse.errors import InvalidRequestError
 from glimpse.inputs import ProcessedInput, VisionEncoder
 from glimpse.processing.chat import render_chat
-from glimpse.processing.media import MediaLimits, MediaPolicy
+from glimpse.processing.media import Cancellation, MediaLimits, MediaPolicy
 from glimpse.processing.multimodal import MediaBuilder, MediaOptions, chat_with_media, prompt_with_media
 
 
@@ -27,9 +27,11 @@ class InputProcessor:
         *,
         video_pruning_rate: float = 0.0,
         media_policy: MediaPolicy | None = None,
+        context_tokens: int | None = None,
     ) -> None:
         """`geometry` and `encoder` for a VL model (None: text only); `video_pruning_rate` and
-        `media_policy` are the defaults for requests that name none."""
+        `media_policy` are the defaults for requests that name none. With `context_tokens` (the model's
+        context), media that alone would not fit is refused before it is decoded."""
         if (geometry is None) != (encoder is None):
             raise ValueError("a VL model's processor needs both its geometry and its vision encoder")
         self.tokenizer = tokenizer
@@ -37,6 +39,7 @@ class InputProcessor:
         self.encoder = encoder
         self.video_pruning_rate = video_pruning_rate
         self.media_policy = media_policy or MediaPolicy()
+        self.context_tokens = context_tokens
 
     @property
     def is_multimodal(self) -> bool:
@@ -65,19 +68,29 @@ class InputProcessor:
         messages: list[dict[str, Any]],
         *,
         tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
         mm_processor_kwargs: dict[str, Any] | None = None,
         media_io_kwargs: dict[str, Any] | None = None,
         video_pruning_rate: float | None = None,
         media_limits: MediaLimits | None = None,
         media_policy: MediaPolicy | None = None,
+        cancel: Cancellation | None = None,
     ) -> ProcessedInput:
+        """OpenAI messages; the media work stops (Cancelled) once `cancel` is set."""
         if self.is_multimodal:
             builder = self._media_builder(
-                mm_processor_kwargs, media_io_kwargs, video_pruning_rate, media_limits, media_policy
+                mm_processor_kwargs, media_io_kwargs, video_pruning_rate, media_limits, media_policy, cancel
             )
-            return chat_with_media(builder, messages, tools=tools, chat_template_kwargs=chat_template_kwargs)
-        text = render_chat(self.tokenizer, messages, tools=tools, chat_template_kwargs=chat_template_kwargs)
+            return chat_with_media(
+                builder, messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                chat_template=chat_template, chat_template_kwargs=chat_template_kwargs,
+            )  # fmt: skip
+        text = render_chat(
+            self.tokenizer, messages, tools=tools, add_generation_prompt=add_generation_prompt,
+            chat_template=chat_template, chat_template_kwargs=chat_template_kwargs,
+        )  # fmt: skip
         return ProcessedInput(text, self.tokenizer.encode(text, add_special_tokens=False))
 
     def _multimodal_prompt(self, prompt: dict[str, Any]) -> ProcessedInput:
@@ -96,10 +109,11 @@ class InputProcessor:
         video_pruning_rate: float | None,
         limits: MediaLimits | None,
         policy: MediaPolicy | None,
+        cancel: Cancellation | None = None,
     ) -> MediaBuilder:
         rate = self.video_pruning_rate if video_pruning_rate is None else video_pruning_rate
         options = MediaOptions.build(
             self.geometry, mm_processor_kwargs, media_io_kwargs, rate, limits or MediaLimits(),
-            policy or self.media_policy,
+            policy or self.media_policy, cancel,
         )  # fmt: skip
-        return MediaBuilder(self.tokenizer, self.geometry, self.encoder, options)
+        return MediaBuilder(self.tokenizer, self.geometry, self.encoder, options, self.context_tokens)

@@ -19,8 +19,11 @@ import os
 import re
 import socket
 import stat
+import threading
 import time
 import urllib.parse
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,12 +52,17 @@ DEFAULT_LIMIT_MM_PER_PROMPT = {"image": 16, "video": 2, "file": 4}
 
 
 def parse_limit_mm_per_prompt(text: str) -> dict[str, int]:
-    """`'{"image": 4}'` (a flag's JSON): kinds not named keep their defaults."""
+    """`'{"image": 4}'` (a flag's JSON) or `image=4,video=1` (vLLM's other form): kinds not named keep
+    their defaults."""
     try:
-        given = json.loads(text)
+        if "=" in text and not text.lstrip().startswith("{"):
+            given = {kind.strip(): int(n) for kind, n in (pair.split("=") for pair in text.split(","))}
+        else:
+            given = json.loads(text)
     except ValueError:
         raise ValueError(
-            f"limit_mm_per_prompt must be a JSON object like '{json.dumps(DEFAULT_LIMIT_MM_PER_PROMPT)}'"
+            f"limit_mm_per_prompt must be a JSON object like '{json.dumps(DEFAULT_LIMIT_MM_PER_PROMPT)}' "
+            "or KIND=N pairs like 'image=4,video=1'"
         ) from None
     if not isinstance(given, dict):
         raise ValueError("limit_mm_per_prompt must be a JSON object")
@@ -74,8 +82,8 @@ class MediaLimits:
 
     limit_mm_per_prompt: dict[str, int] = setting(
         default_factory=lambda: dict(DEFAULT_LIMIT_MM_PER_PROMPT),
-        help='media items per request, e.g. \'{"image": 16, "video": 2, "file": 4}\' (kinds left out keep '
-        "their defaults; PDF pages do not count as images)",
+        help='media items per request, e.g. \'{"image": 16, "video": 2, "file": 4}\' or image=16,video=2 '
+        "(kinds left out keep their defaults; PDF pages do not count as images)",
         rule=Rule(f"a map from {', '.join(MEDIA_KINDS)} to an integer >= 0", _counts_per_kind),
         parse=parse_limit_mm_per_prompt, metavar="JSON",
     )  # fmt: skip
@@ -117,6 +125,52 @@ class MediaPolicy:
         )
 
 
+class Cancelled(Exception):
+    """The request that wanted this media work is gone (its client disconnected): nobody waits for it."""
+
+
+class Cancellation(threading.Event):
+    """Set when the request that owns some media work is cancelled.
+
+    The work checks it between chunks, pages and frames (`check`); a read that may block for long
+    registers a way to wake itself up (`on_cancel`), run by whoever cancels.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._hooks_lock = threading.Lock()
+        self._hooks: list[Callable[[], None]] = []
+
+    def set(self) -> None:
+        with self._hooks_lock:
+            super().set()
+            hooks, self._hooks = self._hooks, []
+        for hook in hooks:
+            hook()
+
+    def check(self) -> None:
+        """Raise Cancelled once the request is cancelled."""
+        if self.is_set():
+            raise Cancelled("the request was cancelled")
+
+    @contextmanager
+    def on_cancel(self, hook: Callable[[], None]) -> Iterator[None]:
+        """Within the block, `hook()` runs (once, on the cancelling thread) when the request is cancelled;
+        at once if it already is."""
+        with self._hooks_lock:
+            already = self.is_set()
+            if not already:
+                self._hooks.append(hook)
+        if already:
+            hook()
+        try:
+            yield
+        finally:
+            with self._hooks_lock:
+                if hook in self._hooks:
+                    self._hooks.remove(hook)
+
+
 def content_hash(data) -> str:
     """sha256 hex of media bytes (bytes or any C-contiguous buffer, e.g. a numpy array, hashed in place):
     the key of the encoder and prefix caches."""
@@ -137,11 +191,12 @@ def fetch_bytes(
     policy: MediaPolicy | None = None,
     limits: MediaLimits | None = None,
     max_bytes: int | None = None,
+    cancel: Cancellation | None = None,
 ) -> bytes:
     """The bytes behind a local path, `file://`, `data:` or `http(s)://` source, at most `max_bytes`.
 
     `max_bytes` defaults to `limits.max_media_bytes`; going over it raises LimitExceededError (413)
-    without reading the rest.
+    without reading the rest. An http(s) download stops with Cancelled as soon as `cancel` is set.
     """
     policy = policy or MediaPolicy()
     limits = limits or MediaLimits()
@@ -160,7 +215,7 @@ def fetch_bytes(
     if scheme == "data":
         return decode_data_uri(text, max_bytes)
     if scheme in ("http", "https"):
-        return _fetch_http(text, policy, limits.media_fetch_timeout, max_bytes)
+        return _fetch_http(text, policy, limits.media_fetch_timeout, max_bytes, cancel)
     if scheme == "file":
         return _read_local(_file_url_path(text), source_text=text, policy=policy, max_bytes=max_bytes)
     if scheme and "://" in text:
@@ -363,25 +418,67 @@ def _prepare_hop(url: httpx.URL, policy: MediaPolicy) -> tuple[httpx.URL, dict[s
     return url.copy_with(host=ip), {"Host": host_header, "User-Agent": USER_AGENT}, extensions
 
 
-def _fetch_http(source: str, policy: MediaPolicy, timeout: float, max_bytes: int) -> bytes:
+def _fetch_http(
+    source: str, policy: MediaPolicy, timeout: float, max_bytes: int, cancel: Cancellation | None
+) -> bytes:
     """GET a URL, following at most MAX_REDIRECTS redirects by hand so every hop is checked."""
     try:
         url = httpx.URL(source)
     except (httpx.InvalidURL, ValueError) as e:
         raise MediaError(f"invalid media URL {_short(source)!r}: {e}") from None
     deadline = time.monotonic() + timeout
+    sockets = _Sockets(cancel)
     try:
-        with httpx.Client(follow_redirects=False, trust_env=policy.allow_private_urls) as client:
+        with (
+            httpx.Client(follow_redirects=False, trust_env=policy.allow_private_urls) as client,
+            cancel.on_cancel(sockets.shut_down) if cancel is not None else nullcontext(),
+        ):
             for _ in range(MAX_REDIRECTS + 1):
-                data, location = _get_once(client, url, policy, deadline, timeout, max_bytes)
+                data, location = _get_once(client, url, policy, deadline, timeout, max_bytes, sockets)
                 if location is None:
                     return data
                 url = location
     except httpx.TimeoutException:
+        _stop_if_cancelled(cancel)
         raise MediaError(f"fetching {_short(source)!r} timed out after {timeout:g} s") from None
     except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError, ValueError, OSError) as e:
+        _stop_if_cancelled(cancel)  # a read woken by the cancellation fails like a dropped connection
         raise MediaError(f"could not fetch {_short(source)!r}: {e}") from None
     raise MediaError(f"fetching {_short(source)!r} was redirected more than {MAX_REDIRECTS} times")
+
+
+def _stop_if_cancelled(cancel: Cancellation | None) -> None:
+    if cancel is not None:
+        cancel.check()
+
+
+class _Sockets:
+    """The sockets a cancellable fetch connects (httpcore's trace reports each), so that cancelling it
+    can shut them down: a read blocked on a server that sends nothing (headers or body) then fails at
+    once, and the fetch sees the cancellation."""
+
+    def __init__(self, cancel: Cancellation | None) -> None:
+        self.cancel = cancel
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        if not event.endswith(".connect_tcp.complete"):
+            return
+        sock = info["return_value"].get_extra_info("socket")
+        with self._lock:
+            self._open.append(sock)
+        if self.cancel is not None and self.cancel.is_set():  # cancelled while connecting
+            self.shut_down()
+
+    def shut_down(self) -> None:
+        with self._lock:
+            sockets = list(self._open)
+        for sock in sockets:
+            try:  # the plain socket's shutdown, also under TLS: it only touches the file descriptor
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:  # already closed
+                pass
 
 
 def _get_once(
@@ -391,9 +488,14 @@ def _get_once(
     deadline: float,
     timeout: float,
     max_bytes: int,
+    sockets: _Sockets,
 ) -> tuple[bytes, httpx.URL | None]:
     """One request: (body, None), or (b"", next URL) for a redirect."""
+    cancel = sockets.cancel
+    _stop_if_cancelled(cancel)
     target, headers, extensions = _prepare_hop(url, policy)
+    if cancel is not None:
+        extensions = {**extensions, "trace": sockets.trace}
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise httpx.TimeoutException("deadline passed")
@@ -412,19 +514,27 @@ def _get_once(
         declared = response.headers.get("content-length")
         if declared and declared.isdigit():
             _check_size(int(declared), max_bytes, f"the media at {_short(str(url))!r}")
-        return _read_body(response, url, deadline, timeout, max_bytes), None
+        return _read_body(response, url, deadline, timeout, max_bytes, cancel), None
 
 
 def _read_body(
-    response: httpx.Response, url: httpx.URL, deadline: float, timeout: float, max_bytes: int
+    response: httpx.Response,
+    url: httpx.URL,
+    deadline: float,
+    timeout: float,
+    max_bytes: int,
+    cancel: Cancellation | None,
 ) -> bytes:
-    """Stream the body, stopping as soon as it passes max_bytes or the overall deadline."""
+    """Stream the body, stopping as soon as it passes max_bytes or the overall deadline, or the request
+    is cancelled."""
     buffer = bytearray()
-    for chunk in response.iter_bytes():  # as received, so the deadline is checked after every read
+    for chunk in response.iter_bytes():  # as received, so the checks run after every read
+        _stop_if_cancelled(cancel)
         buffer += chunk
         _check_size(len(buffer), max_bytes, f"the media at {_short(str(url))!r}")
         if time.monotonic() > deadline:
             raise httpx.TimeoutException(f"timed out after {timeout:g} s")
+    _stop_if_cancelled(cancel)  # a woken read can end like a complete body
     return bytes(buffer)
 
 
@@ -448,8 +558,8 @@ def _available_formats() -> list[str]:
     return [name for name in IMAGE_FORMATS if name in Image.OPEN]
 
 
-def decode_image(data: bytes, limits: MediaLimits | None = None) -> Image.Image:
-    """Decode image bytes fully, checking the pixel count from the header before any decoding."""
+def open_image(data: bytes, limits: MediaLimits | None = None) -> Image.Image:
+    """Open image bytes lazily: only the header is read, and the pixel count is checked from it."""
     limits = limits or MediaLimits()
     try:
         image = Image.open(io.BytesIO(data), formats=_available_formats())
@@ -463,6 +573,11 @@ def decode_image(data: bytes, limits: MediaLimits | None = None) -> Image.Image:
     except Exception as e:  # Pillow raises many types for bad input; none of them is a server fault
         raise MediaError(f"cannot read the image ({e}); send {_FORMAT_NAMES}") from None
     _check_pixels(image.width, image.height, limits)
+    return image
+
+
+def _load(image: Image.Image, limits: MediaLimits) -> Image.Image:
+    """Decode an opened image's pixels."""
     try:
         image.load()
     except Image.DecompressionBombError:
@@ -470,6 +585,11 @@ def decode_image(data: bytes, limits: MediaLimits | None = None) -> Image.Image:
     except Exception as e:
         raise MediaError(f"the image is corrupt or truncated ({e})") from None
     return image
+
+
+def finish_image(image: Image.Image, limits: MediaLimits | None = None) -> Image.Image:
+    """An image from `open_image`, decoded, turned upright and in RGB: what `load_image` gives."""
+    return to_rgb(_upright(_load(image, limits or MediaLimits())))
 
 
 def _upright(image: Image.Image) -> Image.Image:
@@ -519,9 +639,19 @@ def load_image(
         except Exception as e:
             raise MediaError(f"the image is corrupt or truncated ({e})") from None
         return to_rgb(source)
+    return finish_image(open_image(image_bytes(source, policy, limits), limits), limits)
+
+
+def image_bytes(
+    source: str | bytes | os.PathLike[str],
+    policy: MediaPolicy | None = None,
+    limits: MediaLimits | None = None,
+    cancel: Cancellation | None = None,
+) -> bytes:
+    """The encoded bytes of an image given as raw bytes or a source string, within the byte limit."""
+    limits = limits or MediaLimits()
     if isinstance(source, bytes | bytearray | memoryview):
         data = bytes(source)
         _check_size(len(data), limits.max_image_bytes, "the image")
-    else:
-        data = fetch_bytes(source, policy, limits, limits.max_image_bytes)
-    return to_rgb(_upright(decode_image(data, limits)))
+        return data
+    return fetch_bytes(source, policy, limits, limits.max_image_bytes, cancel)

@@ -12,32 +12,37 @@ from __future__ import annotations
 
 import base64
 import re
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from glimpse.config import VLConfig
 from glimpse.errors import InvalidRequestError, MediaError
 from glimpse.inputs import MediaPixels, MediaSpan, ProcessedInput, VisionEncoder
 from glimpse.processing import evs
 from glimpse.processing.chat import render_chat
-from glimpse.processing.image import resize_square, tile_image
+from glimpse.processing.image import resize_square, tile_count, tile_image
 from glimpse.processing.media import (
+    Cancellation,
     MediaLimits,
     MediaPolicy,
     content_hash,
     fetch_bytes,
+    finish_image,
+    image_bytes,
     load_image,
+    open_image,
     resolve_local_path,
 )
 from glimpse.processing.pdf import render_pdf
 from glimpse.processing.video import VideoClip, clip_from_frames, frame_prompt_text
 from glimpse.processing.video_decode import decode_video
 
-_MARKER = "\x00media{}\x00"
-_MARKER_RE = re.compile("\x00media(\\d+)\x00")
+TEXT_PART_TYPES = ("text", "input_text")
 
 
 @dataclass
@@ -61,6 +66,7 @@ class MediaOptions:
     pruning_rate: float
     policy: MediaPolicy
     limits: MediaLimits
+    cancel: Cancellation | None = None  # set when the request is gone: the media work stops
 
     @classmethod
     def build(
@@ -71,6 +77,7 @@ class MediaOptions:
         video_pruning_rate: float,
         limits: MediaLimits,
         policy: MediaPolicy,
+        cancel: Cancellation | None = None,
     ) -> MediaOptions:
         """One request's options: its kwargs checked, over the model's and the processor's defaults."""
         mm = dict(mm_processor_kwargs or {})
@@ -86,7 +93,7 @@ class MediaOptions:
             raise InvalidRequestError("media_io_kwargs.video.fps must be a positive number")
         if not isinstance(num, int) or num < 1:
             raise InvalidRequestError("media_io_kwargs.video.num_frames must be a positive integer")
-        return cls(tiles, float(fps), num, float(q), policy, limits)
+        return cls(tiles, float(fps), num, float(q), policy, limits, cancel)
 
 
 def _to_uint8_chw(images: list) -> torch.Tensor:
@@ -97,14 +104,36 @@ def _to_uint8_chw(images: list) -> torch.Tensor:
 
 
 class MediaBuilder:
-    """Loads the media of one prompt, in order, and turns it into tokens and spans."""
+    """Loads the media of one prompt, in order, and turns it into tokens and spans.
 
-    def __init__(self, tokenizer, geometry: VLConfig, encoder: VisionEncoder, options: MediaOptions) -> None:
+    Each item's place in the rendered text is a marker holding a random nonce of this builder, so text
+    (a user's message, a system prompt) can never name an item: it can't guess the nonce. Before an
+    item is decoded, the prompt tokens it will take are counted from its header or metadata (image
+    size, PDF page sizes, sampled frames), and the request is refused once the media alone would not
+    fit in `context_tokens`. Identical bytes are decoded once per request.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        geometry: VLConfig,
+        encoder: VisionEncoder,
+        options: MediaOptions,
+        context_tokens: int | None = None,
+    ) -> None:
         self.tok = tokenizer
         self.cfg = geometry
         self.encoder = encoder
         self.options = options
+        self.context_tokens = context_tokens
         self.items: list[list[ImageItem] | VideoItem] = []  # a PDF is a list of page images
+        self.media_tokens = 0  # placeholder tokens of the items so far
+        # what was decoded, by the hash of its bytes: identical media is decoded once per request
+        self._images: dict[str, ImageItem] = {}
+        self._pdfs: dict[str, list[ImageItem]] = {}
+        self._videos: dict[str, VideoItem] = {}
+        self._nonce = secrets.token_hex(16)
+        self._marker_re = re.compile(f"\x00media:{self._nonce}:(\\d+)\x00")
         self.ids = {
             name: self.tok.convert_tokens_to_ids(name)
             for name in (self.cfg.img_start_token, self.cfg.img_context_token, self.cfg.img_end_token)
@@ -114,11 +143,48 @@ class MediaBuilder:
                 "this checkpoint's tokenizer lacks the image tokens <img>, <image>, </img>"
             )
 
+    def _add(self, item: list[ImageItem] | VideoItem, tokens: int) -> str:
+        """Append an item taking `tokens` placeholder tokens; its marker for the text."""
+        self._check_room(tokens)
+        self.media_tokens += tokens
+        self.items.append(item)
+        return f"\x00media:{self._nonce}:{len(self.items) - 1}\x00"
+
+    def _check_room(self, tokens: int) -> None:
+        """400 when the media so far and `tokens` more leave no room for a generated token."""
+        total = self.media_tokens + tokens
+        if self.context_tokens is not None and total + 1 > self.context_tokens:
+            raise InvalidRequestError(
+                f"the media in this request take at least {total} prompt tokens; this model's context is "
+                f"{self.context_tokens} tokens, which must hold the prompt and at least one generated token "
+                "(send fewer or smaller media, fewer PDF pages or video frames)"
+            )
+
+    def _check_cancelled(self) -> None:
+        if self.options.cancel is not None:
+            self.options.cancel.check()
+
+    def _tiles(self, width: int, height: int) -> int:
+        size, thumbnail = self.cfg.force_image_size, self.cfg.use_thumbnail
+        return tile_count(width, height, self.options.max_num_tiles, size, thumbnail)
+
     # Loading ---------------------------------------------------------------------------------------------
     def add_image(self, image: Any) -> str:
-        img = load_image(image, self.options.policy, self.options.limits)
-        self.items.append([self._image_item(img)])
-        return _MARKER.format(len(self.items) - 1)
+        self._check_cancelled()
+        o = self.options
+        if isinstance(image, Image.Image):
+            self._check_room(self._tiles(image.width, image.height) * self.cfg.tokens_per_tile)
+            item = self._image_item(load_image(image, o.policy, o.limits))
+        else:
+            data = image_bytes(image, o.policy, o.limits, o.cancel)
+            key = content_hash(data)
+            if key not in self._images:
+                opened = open_image(data, o.limits)  # the header only
+                w, h = opened.size  # EXIF may turn it a quarter: count the cheaper way round
+                self._check_room(min(self._tiles(w, h), self._tiles(h, w)) * self.cfg.tokens_per_tile)
+                self._images[key] = self._image_item(finish_image(opened, o.limits))
+            item = self._images[key]
+        return self._add([item], self._tile_tokens(item))
 
     def _image_item(self, img, page: int | None = None) -> ImageItem:
         tiles = tile_image(img, self.options.max_num_tiles, self.cfg.force_image_size, self.cfg.use_thumbnail)
@@ -127,33 +193,58 @@ class MediaBuilder:
         return ImageItem(MediaPixels("image", u8, key), page)
 
     def add_pdf(self, data: bytes) -> str:
-        pages = render_pdf(data, max_pages=self.options.limits.max_pdf_pages)
-        self.items.append([self._image_item(p, page=i + 1) for i, p in enumerate(pages)])
-        return _MARKER.format(len(self.items) - 1)
+        self._check_cancelled()
+        key = content_hash(data)
+        if key not in self._pdfs:
+
+            def check_pages(sizes: list[tuple[int, int]]) -> None:
+                self._check_room(sum(self._tiles(w, h) for w, h in sizes) * self.cfg.tokens_per_tile)
+
+            o = self.options
+            pages = render_pdf(
+                data, max_pages=o.limits.max_pdf_pages, before_rendering=check_pages, cancel=o.cancel
+            )
+            self._pdfs[key] = [self._image_item(p, page=i + 1) for i, p in enumerate(pages)]
+        pages = self._pdfs[key]
+        return self._add(pages, sum(self._tile_tokens(p) for p in pages))
+
+    def _video_token_count(self, frames: int) -> int:
+        """The placeholder tokens of `frames` sampled frames: what EVS keeps (all of them without it)."""
+        return evs.retained_count(frames, self.cfg.tokens_per_tile, self.options.pruning_rate)
 
     def add_video(self, source: Any, video_fps: float | None = None) -> str:
+        self._check_cancelled()
         o, limits = self.options, self.options.limits
         size = self.cfg.force_image_size
+        key = None
         if isinstance(source, (list, tuple)):
             clip = clip_from_frames(source, video_fps, max_frames=limits.max_video_frames)
         else:
             if isinstance(source, str):
                 source = self._video_source(source)
+            if isinstance(source, bytes | bytearray | memoryview):  # a local path is not read whole
+                key = content_hash(source)
+                if key in self._videos:
+                    item = self._videos[key]
+                    return self._add(item, self._video_token_count(item.pixels.data.shape[0]))
             clip = decode_video(
                 source, o.video_fps, o.video_num_frames, max_frames=limits.max_video_frames,
                 max_seconds=limits.max_video_seconds, size=size,
+                before_decoding=lambda n: self._check_room(self._video_token_count(n)), cancel=o.cancel,
             )  # fmt: skip
         frames = [resize_square(f, size) for f in clip.frames]
         u8 = _to_uint8_chw(frames)
-        key = f"video:{content_hash(u8.permute(0, 2, 3, 1).numpy())}"  # the stacked buffer, not a copy
-        self.items.append(VideoItem(clip, MediaPixels("video", u8, key), o.pruning_rate))
-        return _MARKER.format(len(self.items) - 1)
+        pixels_key = f"video:{content_hash(u8.permute(0, 2, 3, 1).numpy())}"  # the stacked buffer, not a copy
+        item = VideoItem(clip, MediaPixels("video", u8, pixels_key), o.pruning_rate)
+        if key is not None:
+            self._videos[key] = item
+        return self._add(item, self._video_token_count(len(frames)))
 
     def _video_source(self, url: str) -> Any:
         """A local path stays a path (decoded with seeking, never read whole); anything else is fetched."""
         o = self.options
         if url.startswith("data:") or ("://" in url and not url.startswith("file://")):
-            return fetch_bytes(url, o.policy, o.limits, o.limits.max_video_bytes)
+            return fetch_bytes(url, o.policy, o.limits, o.limits.max_video_bytes, o.cancel)
         return str(resolve_local_path(url, o.policy, o.limits.max_video_bytes))  # a path or a file:// URL
 
     def add_part(self, part: dict[str, Any]) -> str:
@@ -184,14 +275,14 @@ class MediaBuilder:
         if spec.get("file_data"):
             data = spec["file_data"]
             if data.startswith("data:"):
-                raw = fetch_bytes(data, o.policy, o.limits, o.limits.max_pdf_bytes)
+                raw = fetch_bytes(data, o.policy, o.limits, o.limits.max_pdf_bytes, o.cancel)
             else:
                 try:
                     raw = base64.b64decode(data, validate=True)
                 except ValueError:
                     raise MediaError("file_data must be a data: URI or base64") from None
         elif spec.get("file_url"):
-            raw = fetch_bytes(spec["file_url"], o.policy, o.limits, o.limits.max_pdf_bytes)
+            raw = fetch_bytes(spec["file_url"], o.policy, o.limits, o.limits.max_pdf_bytes, o.cancel)
         else:
             raise InvalidRequestError("a file part needs file_data or file_url")
         if not raw.startswith(b"%PDF"):
@@ -212,10 +303,12 @@ class MediaBuilder:
         image_no = 0
         pos = 0
         used = set()
-        for m in _MARKER_RE.finditer(text):
+        for m in self._marker_re.finditer(text):
             ids += self._text(text[pos : m.start()])
             pos = m.end()
             index = int(m.group(1))
+            if index in used:  # a template that repeats a message: the item would count twice
+                raise InvalidRequestError("the chat template placed a media item twice in the prompt")
             used.add(index)
             item = self.items[index]
             if isinstance(item, list):
@@ -251,7 +344,7 @@ class MediaBuilder:
             if any(isinstance(i, VideoItem) for i in self.items)
             else None
         )
-        shown = _MARKER_RE.sub(
+        shown = self._marker_re.sub(
             lambda m: "<video>" if isinstance(self.items[int(m.group(1))], VideoItem) else "<image>", text
         )
         return ProcessedInput(shown, ids, spans, info, videos)
@@ -298,11 +391,23 @@ class MediaBuilder:
         return kept
 
 
+def has_media(messages: list[dict[str, Any]]) -> bool:
+    """Whether any message has a content part other than text: work for the media pool."""
+    return any(
+        isinstance(part, dict) and part.get("type") not in TEXT_PART_TYPES
+        for m in messages
+        if isinstance(m, dict) and isinstance(m.get("content"), list)
+        for part in m["content"]
+    )
+
+
 def chat_with_media(
     builder: MediaBuilder,
     messages: list[dict[str, Any]],
     *,
     tools: list[dict[str, Any]] | None = None,
+    add_generation_prompt: bool = True,
+    chat_template: str | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
 ) -> ProcessedInput:
     """OpenAI messages whose content parts may hold images, videos and PDFs."""
@@ -310,6 +415,8 @@ def chat_with_media(
         builder.tok,
         messages,
         tools=tools,
+        add_generation_prompt=add_generation_prompt,
+        chat_template=chat_template,
         chat_template_kwargs=chat_template_kwargs,
         on_media=builder.add_part,
     )

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 
 import pypdfium2 as pdfium
 from PIL import Image
 
 from glimpse.errors import LimitExceededError, MediaError
+from glimpse.processing.media import Cancelled
 
 DEFAULT_DPI = 120.0
 DEFAULT_MAX_PAGES = 32
@@ -57,13 +59,27 @@ def _page_scale(width_pt: float, height_pt: float, dpi: float, max_page_pixels: 
     return scale
 
 
-def _render_page(doc: pdfium.PdfDocument, index: int, dpi: float, max_page_pixels: int) -> Image.Image:
+def _page_layout(
+    doc: pdfium.PdfDocument, index: int, dpi: float, max_page_pixels: int
+) -> tuple[float, int, int]:
+    """(scale, width, height) of a page's rendering, from its size alone: nothing is drawn. The pixel
+    size is the one PDFium's renderer gives (points x scale, rounded up)."""
     page = doc[index]
     try:
         width_pt, height_pt = page.get_size()  # already turned by the page's /Rotate
-        if width_pt <= 0 or height_pt <= 0:
-            raise MediaError(f"page {index + 1} of the PDF has no area ({width_pt}x{height_pt} points)")
-        scale = _page_scale(width_pt, height_pt, dpi, max_page_pixels)
+    except pdfium.PdfiumError as e:
+        raise MediaError(f"page {index + 1} of the PDF could not be read ({e})") from None
+    finally:
+        page.close()
+    if not (width_pt > 0 and height_pt > 0):
+        raise MediaError(f"page {index + 1} of the PDF has no area ({width_pt}x{height_pt} points)")
+    scale = _page_scale(width_pt, height_pt, dpi, max_page_pixels)
+    return scale, math.ceil(width_pt * scale), math.ceil(height_pt * scale)
+
+
+def _render_page(doc: pdfium.PdfDocument, index: int, scale: float) -> Image.Image:
+    page = doc[index]
+    try:
         bitmap = page.render(scale=scale, draw_annots=True)
         try:
             # to_pil() may share the bitmap's memory, which close() frees: copy before closing.
@@ -82,11 +98,17 @@ def render_pdf(
     max_pages: int = DEFAULT_MAX_PAGES,
     dpi: float = DEFAULT_DPI,
     max_page_pixels: int = DEFAULT_MAX_PAGE_PIXELS,
+    *,
+    before_rendering: Callable[[list[tuple[int, int]]], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> list[Image.Image]:
     """Render every page to an RGB image, in order.
 
     Refuses a document over `max_pages` before rendering anything (LimitExceededError, 413) and
-    anything that isn't a readable PDF (MediaError, 400).
+    anything that isn't a readable PDF (MediaError, 400). `before_rendering` gets every page's pixel
+    size (width, height) before the first page is drawn, and may refuse the document by raising (a
+    caller that counts the tiles the pages will take). Rendering stops with `Cancelled` between pages
+    once `cancel` is set.
     """
     if dpi <= 0:
         raise ValueError(f"dpi must be positive, got {dpi}")
@@ -100,6 +122,14 @@ def render_pdf(
                 raise LimitExceededError(
                     f"the PDF has {count} pages; at most {max_pages} pages are allowed per document"
                 )
-            return [_render_page(doc, i, dpi, max_page_pixels) for i in range(count)]
+            layouts = [_page_layout(doc, i, dpi, max_page_pixels) for i in range(count)]
+            if before_rendering is not None:
+                before_rendering([(width, height) for _, width, height in layouts])
+            pages = []
+            for i, (scale, _, _) in enumerate(layouts):
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("the request was cancelled")
+                pages.append(_render_page(doc, i, scale))
+            return pages
         finally:
             doc.close()

@@ -6,22 +6,28 @@ import json
 from pathlib import Path
 
 from glimpse.errors import CheckpointError
+from glimpse.processing.chat import read_chat_template
 
 
-def load_tokenizer(model_dir: Path):
+def load_tokenizer(model_dir: Path, chat_template: str | None = None):
+    """The tokenizer in `model_dir`; `chat_template` (a file or Jinja text) replaces its chat template."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    template = read_chat_template(chat_template) if chat_template is not None else None
     # AutoTokenizer peeks at config.json, whose VL architecture (remote code) it does not know: it warns
     # about that and then loads the tokenizer files fine. Keep the noise out of the user's terminal.
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as e:
         raise CheckpointError(f"cannot load the tokenizer from {model_dir}: {e}") from None
     finally:
         hf_logging.set_verbosity(level)
+    if template is not None:
+        tokenizer.chat_template = template
+    return tokenizer
 
 
 def end_of_sequence_ids(model_dir: Path, tokenizer, config_eos: list[int]) -> list[int]:

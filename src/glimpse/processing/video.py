@@ -54,6 +54,17 @@ def check_sampling_args(fps: float, num_frames: int) -> None:
         )
 
 
+def sampled_count(total_frames: int, original_fps: float, fps: float = 2, num_frames: int = 128) -> int:
+    """How many frames `sample_frames` picks, without picking them: a limit on it can be checked first."""
+    check_sampling_args(fps, num_frames)
+    if total_frames < 1:
+        raise MediaError("the video has no frames")
+    if not (math.isfinite(original_fps) and original_fps > 0):
+        raise MediaError(f"the video has no usable frame rate ({original_fps!r})")
+    by_rate = min(total_frames / original_fps * fps, total_frames)  # capped first: it may overflow
+    return max(1, min(num_frames, total_frames, math.floor(by_rate)))
+
+
 def sample_frames(
     total_frames: int, original_fps: float, fps: float = 2, num_frames: int = 128
 ) -> tuple[list[int], list[float], list[str]]:
@@ -61,13 +72,7 @@ def sample_frames(
 
     Returns (frame indices, prompt timestamps in seconds, separators), one entry per sampled frame.
     """
-    check_sampling_args(fps, num_frames)
-    if total_frames < 1:
-        raise MediaError("the video has no frames")
-    if not (math.isfinite(original_fps) and original_fps > 0):
-        raise MediaError(f"the video has no usable frame rate ({original_fps!r})")
-    duration = total_frames / original_fps
-    n = max(1, min(num_frames, total_frames, math.floor(duration * fps)))
+    n = sampled_count(total_frames, original_fps, fps, num_frames)
     if n == total_frames:
         indices = list(range(total_frames))
     else:

@@ -12,15 +12,17 @@ import numbers
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import av
 import numpy as np
 
 from glimpse.errors import InvalidRequestError, LimitExceededError, MediaError
-from glimpse.processing.video import VideoClip, check_sampling_args, sample_frames
+from glimpse.processing.media import Cancellation, Cancelled
+from glimpse.processing.video import VideoClip, check_sampling_args, sample_frames, sampled_count
 
 if TYPE_CHECKING:
     from av.container import InputContainer
@@ -93,6 +95,25 @@ def _stated_seconds(container: InputContainer, stream: VideoStream) -> float | N
     return None
 
 
+def _frames_from_duration(container: InputContainer, stream: VideoStream, fps: float) -> int | None:
+    """At least how many frames the stated durations imply, for files that state no frame count; None
+    when none is stated. Containers disagree on whether their duration counts from 0 or from the first
+    timestamp (Matroska that starts late states its end), so the shortest reading is taken, less a
+    frame for rounding: the estimate refuses only what the exact count would refuse too."""
+    readings = []
+    if stream.duration and stream.time_base:
+        readings.append(float(stream.duration * stream.time_base))
+    if container.duration:
+        seconds = container.duration / av.time_base
+        readings.append(seconds)
+        if container.start_time and seconds > container.start_time / av.time_base:
+            readings.append(seconds - container.start_time / av.time_base)
+    frames = min(readings, default=0.0) * fps
+    if not (math.isfinite(frames) and frames >= 2):
+        return None
+    return math.floor(frames) - 1
+
+
 class _KeyframeGuide:
     """Decides between seeking to a keyframe and decoding on, from the index when it covers the target.
 
@@ -138,8 +159,9 @@ class _KeyframeGuide:
         return target_pts - current_pts > max(self._gap, self._min_skip)
 
 
-class _Cancelled(Exception):
-    """Stops a decoding thread whose frames are no longer wanted (another group failed)."""
+class _Cancelled(Cancelled):
+    """Stops a decoding thread whose frames are no longer wanted (another group failed, or the request
+    that wanted the video is gone)."""
 
 
 class _FrameReader:
@@ -358,6 +380,7 @@ def _decode_groups(
     groups: Sequence[range],
     done: dict[int, np.ndarray],
     size: int | None,
+    request: Cancellation | None,
 ) -> tuple[list[np.ndarray], int, int]:
     """Decode each group in its own thread on its own container; frames come back in sample order.
 
@@ -365,8 +388,8 @@ def _decode_groups(
     container is opened, used and closed by one thread. FFmpeg's own threads per container are cut so
     that all of them together stay near the core count. `done` holds samples already decoded (by
     position). When a group fails the others stop at their next frame, and the first error (in sample
-    order) is raised here, in the calling thread, once every thread has finished.
-    Returns (frames, frames decoded, seeks).
+    order) is raised here, in the calling thread, once every thread has finished. A cancelled `request`
+    stops them all the same way. Returns (frames, frames decoded, seeks).
     """
     arrays: list[np.ndarray | None] = [done.get(k) for k in range(len(targets))]
     threads = max(1, _cpu_count() // len(groups))
@@ -398,7 +421,8 @@ def _decode_groups(
     with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="glimpse-video") as pool:
         futures = [pool.submit(decode, group) for group in groups]
         try:
-            wait(futures, return_when=FIRST_EXCEPTION)
+            with request.on_cancel(cancel.set) if request is not None else nullcontext():
+                wait(futures, return_when=FIRST_EXCEPTION)
         finally:
             cancel.set()  # when a group failed or this thread was interrupted; a no-op once all are done
     errors = [e for e in (f.exception() for f in futures) if e is not None]
@@ -417,9 +441,13 @@ def _decode_clip(
     limits: tuple[float, int],
     size: int | None,
     workers: int,
+    before_decoding: Callable[[int], None] | None,
+    cancel: Cancellation | None,
 ) -> VideoClip:
-    """Probe, sample and decode; the first frame is decoded first because its pts anchors the rest.
+    """Probe, check, sample and decode; the first frame is decoded first because its pts anchors the rest.
 
+    The limits are checked from the container's metadata before any frame is decoded: the stated frame
+    count, else the count its stated duration implies (checked again once the count is known).
     Samples far enough apart are decoded by up to `workers` threads (see _plan_groups); a short clip, or
     one whose samples all lie close together, is decoded here as one sequence.
     """
@@ -427,13 +455,26 @@ def _decode_clip(
     stream = _video_stream(container)
     original_fps = _stream_fps(stream)
     max_seconds, max_frames = limits
-    if stream.frames:  # reject a too-long file before decoding anything
-        _check_limits(stream.frames / original_fps, 0, max_seconds, max_frames)
-    reader = _FrameReader(container, stream, original_fps)
+
+    def plan(total: int) -> None:
+        """Refuse sampling `total` frames over the limits; `before_decoding` sees the count."""
+        count = sampled_count(total, original_fps, fps, num_frames)
+        _check_limits(total / original_fps, count, max_seconds, max_frames)
+        if before_decoding is not None:
+            before_decoding(count)
+
+    stated = int(stream.frames) if stream.frames else None
+    if stated is not None:
+        plan(stated)  # the count the file states is the one used below: checked before decoding anything
+    elif (estimate := _frames_from_duration(container, stream, original_fps)) is not None:
+        count = sampled_count(estimate, original_fps, fps, num_frames)
+        _check_limits(estimate / original_fps, count, max_seconds, max_frames)  # again once counted
+    reader = _FrameReader(container, stream, original_fps, cancel)
     first = reader.first()
     total = _total_frames(container, stream, reader)
+    if stated is None:
+        plan(total)
     indices, timestamps, separators = sample_frames(total, original_fps, fps, num_frames)
-    _check_limits(total / original_fps, len(indices), max_seconds, max_frames)
     targets = [reader.start_pts + index * reader.ticks_per_frame for index in indices]
     groups = [range(len(indices))]
     reopenable = isinstance(source, bytes) or os.path.isfile(source)  # not a pipe or device
@@ -445,7 +486,9 @@ def _decode_clip(
             groups = planned
     if len(groups) > 1:
         done = {k: _to_array(first, size) for k, index in enumerate(indices) if index == 0}
-        arrays, decoded, seeks = _decode_groups(source, reader, original_fps, targets, groups, done, size)
+        arrays, decoded, seeks = _decode_groups(
+            source, reader, original_fps, targets, groups, done, size, cancel
+        )
         decoded, seeks = decoded + reader.decoded, seeks + reader.seeks
     else:
         arrays = []
@@ -483,13 +526,18 @@ def decode_video(
     max_seconds: float = 21600,
     size: int | None = None,
     workers: int | None = None,
+    before_decoding: Callable[[int], None] | None = None,
+    cancel: Cancellation | None = None,
 ) -> VideoClip:
     """Decode the sampled frames of a video (bytes or a path), seeking to each rather than decoding all.
 
     Up to `workers` threads (default: one per core, at most 8) decode groups of samples at once, each
     on its own container; the frames are the same, in the same order, as with `workers=1`.
     Raises MediaError (400) for input that isn't a decodable video, LimitExceededError (413) when it
-    is longer than `max_seconds` or sampling gives more than `max_frames` frames.
+    is longer than `max_seconds` or sampling gives more than `max_frames` frames: checked from the
+    container's metadata before any frame is decoded when it states them. `before_decoding` gets the
+    number of frames to be sampled before they are decoded, and may refuse the video by raising.
+    Decoding stops with `Cancelled` at the next frame once `cancel` is set.
     """
     check_sampling_args(fps, num_frames)
     if size is not None and size < 1:
@@ -502,7 +550,17 @@ def decode_video(
         source = bytes(source)  # one copy, that every thread's BytesIO then shares
     container = _open(source)
     try:
-        return _decode_clip(source, container, fps, num_frames, (max_seconds, max_frames), size, workers)
+        return _decode_clip(
+            source,
+            container,
+            fps,
+            num_frames,
+            (max_seconds, max_frames),
+            size,
+            workers,
+            before_decoding,
+            cancel,
+        )
     except av.error.FFmpegError as e:
         raise MediaError(f"the video can't be decoded ({_reason(e)})") from e
     finally:

@@ -11,6 +11,11 @@ import sys
 
 from glimpse.server.app import run_server
 from glimpse.server.config import configs_from_json
+from glimpse.server.startup import StartupError
 
 if __name__ == "__main__":
-    run_server(*configs_from_json(sys.stdin.read()))
+    try:
+        run_server(*configs_from_json(sys.stdin.read()))
+    except StartupError as e:  # the port taken, a TLS file unreadable: one line, as `glimpse serve` says it
+        print(f"glimpse.server: error: {e}", file=sys.stderr)
+        sys.exit(2)

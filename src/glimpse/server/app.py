@@ -1,13 +1,20 @@
 """`glimpse serve MODEL`: the OpenAI-compatible HTTP server (API.md, HTTP).
 
-    POST /v1/chat/completions   POST /v1/completions   GET /v1/models
-    GET /health                 GET /metrics           GET /openapi.json, /docs
+    POST /v1/chat/completions   POST /v1/completions   GET /v1/models   GET /v1/models/{id}
+    GET /health   GET /metrics   GET /version   GET|POST /ping   GET /openapi.json
 
-Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}` with the status API.md gives;
-bad input is never a 5xx, and a bug in one request is a logged 500 that leaves the server serving.
+/docs is off: its page would load Swagger UI from a CDN, which an offline or locked-down server can't
+reach and should not point browsers at; /openapi.json is the same description, for any viewer.
+
+Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}` with the status API.md gives,
+and leaves a log line with the reason the client was given; bad input is never a 5xx, and a bug in one
+request is a logged 500 (with its traceback) that leaves the server serving. A client that hangs up,
+even halfway through sending its body, is no error: it gets a quiet 499 nobody reads.
 `build_app` makes the FastAPI app around a running `AsyncLLM` (tests use it); `build_server` makes the
 app, engine included, from an `EngineConfig` and a `ServerConfig` (embedders and the online benchmark use
-it), and `run_server` serves that with uvicorn (`glimpse serve`, `python -m glimpse.server`).
+it), with CORS as the config allows; `run_server` checks what it can before loading the model (the
+port, the TLS files: glimpse.server.startup), then serves with uvicorn (`glimpse serve`,
+`python -m glimpse.server`).
 """
 
 from __future__ import annotations
@@ -22,9 +29,11 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from glimpse.engine.async_llm import AsyncLLM
 from glimpse.engine.config import EngineConfig
@@ -50,13 +59,18 @@ from glimpse.server.serving_completions import (
     CompletionsHandler,
     InternalServerError,
     ServingContext,
+    log_refusal,
 )
+from glimpse.server.serving_tokens import TokensHandler
+from glimpse.server.startup import prepare_to_serve
+from glimpse.version import __version__
 
 log = logging.getLogger("glimpse.server")
 
 TEST_HOOKS_ENV = "GLIMPSE_TEST_HOOKS"
 # Routes counted by path in /metrics; anything else is counted as "other" (no label explosion).
-_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/ping",
+           "/version")  # fmt: skip
 # Sampling fields a checkpoint's generation_config.json may set as defaults (as vLLM applies them).
 _GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
@@ -98,7 +112,7 @@ def _guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Req
     async def run(request: Request) -> Response:
         try:
             return await handler(request)
-        except (GlimpseError, ClientDisconnected):
+        except (GlimpseError, ClientDisconnected, ClientDisconnect):
             raise
         except Exception:
             log.exception("unexpected error answering %s %s", request.method, request.url.path)
@@ -116,8 +130,9 @@ def build_app(ctx: ServingContext, api_key: str | None = None) -> FastAPI:
         ctx.llm.shutdown()
 
     app = FastAPI(
-        title="Glimpse", summary="OpenAI-compatible server for Nemotron Nano 2 VL", lifespan=lifespan
-    )
+        title="Glimpse", summary="OpenAI-compatible server for Nemotron Nano 2 VL", version=__version__,
+        lifespan=lifespan, docs_url=None, redoc_url=None,
+    )  # fmt: skip
     app.state.ctx = ctx
     chat = ChatHandler(ctx)
     completions = CompletionsHandler(ctx)
@@ -125,10 +140,13 @@ def build_app(ctx: ServingContext, api_key: str | None = None) -> FastAPI:
     # Errors -------------------------------------------------------------------------------------------
     @app.exception_handler(GlimpseError)
     async def _glimpse_error(request: Request, exc: GlimpseError) -> JSONResponse:
+        if exc.status < 500:  # a 500 was logged with its traceback where it happened
+            log_refusal(request, exc.status, exc.message)
         return error_response(exc)
 
     @app.exception_handler(ClientDisconnected)
-    async def _gone(request: Request, exc: ClientDisconnected) -> Response:
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: Exception) -> Response:
         return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
 
     @app.exception_handler(StarletteHTTPException)
@@ -138,11 +156,14 @@ def build_app(ctx: ServingContext, api_key: str | None = None) -> FastAPI:
             exc.status_code, "invalid_request_error" if exc.status_code < 500 else "internal_server_error"
         )
         body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": exc.status_code}}
+        log_refusal(request, exc.status_code, str(exc.detail))
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(InvalidRequestError(f"invalid request: {exc.errors()}"))
+        error = InvalidRequestError(f"invalid request: {exc.errors()}")
+        log_refusal(request, error.status, error.message)
+        return error_response(error)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -190,14 +211,22 @@ def build_app(ctx: ServingContext, api_key: str | None = None) -> FastAPI:
     async def create_completion(request: Request) -> Response:
         return await _guarded(completions.create)(request)
 
+    def card(name: str) -> ModelCard:
+        return ModelCard(id=name, root=ctx.llm.engine.cfg.model, max_model_len=ctx.max_model_len)
+
     @v1.get("/models", response_model=ModelList)
     async def list_models() -> JSONResponse:
-        card = ModelCard(
-            id=ctx.served_model_name, root=ctx.llm.engine.cfg.model, max_model_len=ctx.max_model_len
-        )
-        return JSONResponse(ModelList(data=[card]).model_dump())
+        """Every served name (`--served-model-name a b`), in order."""
+        return JSONResponse(ModelList(data=[card(name) for name in ctx.served_model_names]).model_dump())
+
+    @v1.get("/models/{model_id:path}", response_model=ModelCard)
+    async def get_model(model_id: str) -> JSONResponse:
+        """One served name's card (hub ids have a slash, hence the path parameter); another is a 404."""
+        chat.check_model(model_id)
+        return JSONResponse(card(model_id).model_dump())
 
     app.include_router(v1)
+    app.include_router(TokensHandler(ctx).router(_guarded, Depends(require_api_key)))
     add_playground(app, ctx, api_key, require_api_key)  # the page at / and its agent jobs (playground.py)
 
     @app.get("/health")
@@ -209,6 +238,16 @@ def build_app(ctx: ServingContext, api_key: str | None = None) -> FastAPI:
     async def metrics() -> Response:
         """Prometheus text format; open (no API key)."""
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        """Glimpse's version (vLLM's route); open."""
+        return JSONResponse({"version": __version__})
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> Response:
+        """200 while the server runs (vLLM's and SageMaker's liveness route); open."""
+        return Response(status_code=200)
 
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(_HTTPMetrics, metrics=ctx.metrics)
@@ -264,7 +303,7 @@ def make_context(
     """Build the engine (or take `llm`, built from `engine_config`) and what the handlers need."""
     if llm is None:
         llm = AsyncLLM(LLMEngine(engine_config))
-    name = server_config.served_model_name or engine_config.model
+    name, *aliases = server_config.model_names(engine_config.model)
     defaults = generation_defaults(llm.engine.model_dir)
     if defaults:
         log.info("sampling defaults from generation_config.json: %s", defaults)
@@ -275,10 +314,14 @@ def make_context(
     return ServingContext(
         llm=llm,
         served_model_name=name,
+        aliases=tuple(aliases),
         metrics=ServerMetrics(name, llm.engine.stats, llm.is_idle),
         media_limits=server_config.media_limits,
         media_policy=MediaPolicy.for_server(media.allowed_local_media_path, media.allow_private_media_urls),
         max_request_bytes=server_config.max_request_bytes,
+        max_logprobs=server_config.max_logprobs,
+        max_prompts_per_request=server_config.max_prompts_per_request,
+        max_sequences_per_request=server_config.max_sequences_per_request,
         test_hooks=test_hooks,
         sampling_defaults=defaults,
     )
@@ -289,23 +332,41 @@ def build_server(
 ) -> tuple[FastAPI, ServingContext]:
     """The app and its context for a configuration: the engine is loaded (or `llm` taken) and running."""
     ctx = make_context(engine_config, server_config, llm)
-    return build_app(ctx, api_key=server_config.api_key), ctx
+    app = build_app(ctx, api_key=server_config.api_key)
+    if server_config.allowed_origins:
+        # Outermost, so every answer (errors included) carries the headers, and preflights need no API key.
+        app.add_middleware(
+            CORSMiddleware, allow_origins=server_config.allowed_origins,
+            allow_methods=server_config.allowed_methods, allow_headers=server_config.allowed_headers,
+            allow_credentials=server_config.allow_credentials,
+        )  # fmt: skip
+    return app, ctx
 
 
 def run_server(engine_config: EngineConfig, server_config: ServerConfig, llm: AsyncLLM | None = None) -> None:
-    """Build the server and answer HTTP on `server_config.host:port` until interrupted."""
+    """Check the address and TLS files (a StartupError), then build the server and answer HTTP(S) on
+    `server_config.host:port` until interrupted."""
     import uvicorn
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("glimpse").setLevel(logging.INFO)
-    app, ctx = build_server(engine_config, server_config, llm)
-    host, port = server_config.host, server_config.port
-    log.info(
-        "serving %r (max_model_len %d) on http://%s:%d", ctx.served_model_name, ctx.max_model_len, host, port
-    )
-    uvicorn.run(app, host=host, port=port, log_level=server_config.uvicorn_log_level,
-                timeout_graceful_shutdown=5)  # fmt: skip
+    sock = prepare_to_serve(server_config)
+    try:
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("glimpse").setLevel(logging.INFO)
+        app, ctx = build_server(engine_config, server_config, llm)
+        scheme = "https" if server_config.ssl_certfile else "http"
+        log.info(
+            "serving %s (max_model_len %d) on %s://%s:%d", ", ".join(map(repr, ctx.served_model_names)),
+            ctx.max_model_len, scheme, server_config.host, server_config.port,
+        )  # fmt: skip
+        config = uvicorn.Config(
+            app, host=server_config.host, port=server_config.port,  # for its log; it serves on `sock`
+            log_level=server_config.uvicorn_log_level, timeout_graceful_shutdown=5,
+            ssl_keyfile=server_config.ssl_keyfile, ssl_certfile=server_config.ssl_certfile,
+        )  # fmt: skip
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
 
 
 __all__ = ["build_app", "build_server", "run_server", "make_context", "error_response"]

@@ -1,7 +1,9 @@
 """OpenAI API request and response models (API.md, HTTP): what a client may send, and what it gets back.
 
-Requests ignore unknown fields (clients send extras) but type-check the ones they know strictly: `true`
-is not a number and `"0.5"` is not a float. Checks that span several fields raise
+Requests ignore unknown fields (clients send extras; a request keeps their names in `unknown_fields` so
+the server can warn about them) but type-check the ones they know strictly: `true` is not a number,
+`"0.5"` is not a float, and every number must be finite (`NaN`, `Infinity` and `1e400`, which parses to
+infinity, are refused wherever they appear). Checks that span several fields raise
 `InvalidRequestError` with `param` straight out of validation, so `parse_request` is the one door a
 request body goes through. Response models serialise to OpenAI's exact shapes with `model_dump()`.
 What a request means for the engine is request_params.py's job; logprobs.py builds the logprobs shapes.
@@ -10,16 +12,21 @@ What a request means for the engine is request_params.py's job; logprobs.py buil
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
+import pydantic_core
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
     Field,
+    PrivateAttr,
     Strict,
     Tag,
     ValidationError,
@@ -45,9 +52,28 @@ def random_id(prefix: str) -> str:
 
 
 class OpenAIModel(BaseModel):
-    """Request side: unknown fields are ignored, as OpenAI clients send extras."""
+    """Request side: unknown fields are ignored, as OpenAI clients send extras; floats must be finite."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, allow_inf_nan=False)
+
+
+def _finite_json(value: Any) -> Any:
+    """Refuse NaN and infinities anywhere inside a free-form JSON value (schemas, template and processor
+    arguments): the float fields refuse them by type, these would carry them on to whoever reads them."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise PydanticCustomError("finite_number", "numbers must be finite (not NaN or Infinity)")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return value
+
+
+# A JSON object whose numbers are all finite.
+JSONObject = Annotated[dict[str, Any], AfterValidator(_finite_json)]
 
 
 # ---------------------------------------------------------------- messages and content parts
@@ -170,7 +196,7 @@ class FunctionCall(OpenAIModel):
     @classmethod
     def _dump_object(cls, value: Any) -> Any:
         # Some clients put the arguments object itself; the chat template wants one spelling.
-        return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else value
+        return json.dumps(_finite_json(value), ensure_ascii=False) if isinstance(value, dict) else value
 
 
 class ToolCall(OpenAIModel):
@@ -236,7 +262,7 @@ ChatMessage = Annotated[
 class FunctionDefinition(OpenAIModel):
     name: str = Field(min_length=1)
     description: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: JSONObject | None = None
     strict: Bool | None = None
 
 
@@ -258,7 +284,7 @@ class JSONSchemaFormat(OpenAIModel):
     name: str
     description: str | None = None
     # `schema` would shadow a BaseModel attribute; the JSON key stays "schema".
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    schema_: JSONObject | None = Field(default=None, alias="schema")
     strict: Bool | None = None
 
 
@@ -268,9 +294,11 @@ class ResponseFormat(OpenAIModel):
 
     @model_validator(mode="after")
     def _schema_given(self) -> ResponseFormat:
-        if self.type == "json_schema" and self.json_schema is None:
+        # As vLLM: a json_schema format without its schema is an error, not "any JSON object".
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
             raise PydanticCustomError(
-                "missing_json_schema", 'response_format of type "json_schema" needs a "json_schema" object'
+                "missing_json_schema",
+                'response_format of type "json_schema" needs a "json_schema" object with a "schema"',
             )
         return self
 
@@ -283,7 +311,7 @@ class StreamOptions(OpenAIModel):
 class StructuredOutputs(OpenAIModel):
     """vLLM's constrained-decoding extra: exactly one of json, regex, choice (grammar is not supported)."""
 
-    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    json_: JSONObject | str | None = Field(default=None, alias="json")
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
@@ -311,7 +339,13 @@ class StructuredOutputs(OpenAIModel):
 
 
 class _SamplingRequest(OpenAIModel):
-    """Fields both endpoints share, with vLLM's extras. None means "not given": defaults apply later."""
+    """Fields both endpoints share, with vLLM's extras. None means "not given": defaults apply later.
+
+    Unknown top-level fields are collected (not kept as attributes) into `unknown_fields`."""
+
+    # "allow" only to see the unknown fields: `_set_aside_unknown` moves them out of the model.
+    model_config = ConfigDict(extra="allow")
+    _unknown: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     model: str | None = None
     frequency_penalty: Float | None = Field(default=None, ge=-2, le=2)
@@ -336,7 +370,7 @@ class _SamplingRequest(OpenAIModel):
     skip_special_tokens: Bool | None = None
     structured_outputs: StructuredOutputs | None = None
     # Older vLLM spellings of structured_outputs, still sent by some clients.
-    guided_json: dict[str, Any] | str | None = None
+    guided_json: JSONObject | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
 
@@ -347,6 +381,20 @@ class _SamplingRequest(OpenAIModel):
         if any(not s for s in items):
             raise ValueError("stop strings must be non-empty")
         return value
+
+    @model_validator(mode="after")
+    def _set_aside_unknown(self) -> _SamplingRequest:
+        extra = self.__pydantic_extra__
+        if extra:
+            self._unknown = dict(extra)
+            extra.clear()
+        return self
+
+    @property
+    def unknown_fields(self) -> dict[str, Any]:
+        """The top-level fields this server does not know, with their values (ignored, but a test hook
+        like `glimpse_forced_output` is read from here)."""
+        return self._unknown
 
     @model_validator(mode="after")
     def _common_checks(self) -> _SamplingRequest:
@@ -413,6 +461,11 @@ class _SamplingRequest(OpenAIModel):
         raise NotImplementedError
 
     @property
+    def asked_max_tokens(self) -> tuple[str, int] | None:
+        """(field name, value) of a length the client set itself (a default is not asked for)."""
+        raise NotImplementedError
+
+    @property
     def include_usage(self) -> bool:
         """Whether a stream ends with a usage chunk (stream_options.include_usage)."""
         return bool(self.stream and self.stream_options is not None and self.stream_options.include_usage)
@@ -428,9 +481,11 @@ class ChatCompletionRequest(_SamplingRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: Bool | None = None
     # vLLM extras for the chat template and media
-    chat_template_kwargs: dict[str, Any] | None = None
-    mm_processor_kwargs: dict[str, Any] | None = None
-    media_io_kwargs: dict[str, dict[str, Any]] | None = None
+    chat_template: str | None = None  # a Jinja template used instead of the model's, for this request
+    chat_template_kwargs: JSONObject | None = None
+    add_generation_prompt: Bool = True
+    mm_processor_kwargs: JSONObject | None = None
+    media_io_kwargs: dict[str, JSONObject] | None = None
     video_pruning_rate: Float | None = Field(default=None, ge=0, lt=1)
 
     @model_validator(mode="after")
@@ -454,17 +509,39 @@ class ChatCompletionRequest(_SamplingRequest):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     @property
+    def asked_max_tokens(self) -> tuple[str, int] | None:
+        if self.max_completion_tokens is not None:
+            return "max_completion_tokens", self.max_completion_tokens
+        return None if self.max_tokens is None else ("max_tokens", self.max_tokens)
+
+    @property
     def tools_enabled(self) -> bool:
         """Whether the output should be parsed for tool calls (tools given and tool_choice not "none")."""
         return bool(self.tools) and self.tool_choice != "none"
 
+    def text_chars(self) -> int:
+        """Characters of text in the messages' content: what the chat template renders into the prompt
+        (tools and the template's own text only add to it)."""
+        total = 0
+        for message in self.messages:
+            content = message.content
+            if isinstance(content, str):
+                total += len(content)
+            elif content is not None:
+                total += sum(len(part.text) for part in content if isinstance(part, TextPart))
+        return total
 
-TokenIds = list[Annotated[Int, Field(ge=0)]]
+
+# Every list in the prompt's union fails at its first bad item: a batch of 20,000 id lists tried as
+# `list[str]` would otherwise collect 20,000 errors (and copy the batch into each) before the right
+# member is tried.
+_FAIL_FAST = Field(fail_fast=True)
+TokenIds = Annotated[list[Annotated[Int, Field(ge=0)]], _FAIL_FAST]
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | TokenIds | list[TokenIds]
-    max_tokens: Int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    prompt: str | Annotated[list[str], _FAIL_FAST] | TokenIds | Annotated[list[TokenIds], _FAIL_FAST]
+    max_tokens: Int | None = Field(default=16, ge=0)  # OpenAI's default; 0 only with echo (the prompt alone)
     logprobs: Int | None = Field(default=None, ge=0, le=20)
     echo: Bool | None = False
     suffix: str | None = None
@@ -480,16 +557,23 @@ class CompletionRequest(_SamplingRequest):
             raise InvalidRequestError("prompt must not be an empty list", param="prompt")
         if self.best_of is not None and self.best_of > (self.n or 1):
             raise InvalidRequestError("best_of larger than n is not supported", param="best_of")
-        if self.echo and self.logprobs is not None:
-            raise InvalidRequestError(
-                "echo with logprobs is not supported (prompt log-probabilities are not computed)",
-                param="echo",
-            )
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequestError("max_tokens must be at least 1 (0 only with echo)", param="max_tokens")
         return self
 
     @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: the answer is the prompt (and its logprobs), nothing generated."""
+        return bool(self.echo) and self.max_tokens == 0
+
+    @property
     def requested_max_tokens(self) -> int | None:
-        return self.max_tokens
+        return 1 if self.echo_only else self.max_tokens  # the engine draws a token that is not returned
+
+    @property
+    def asked_max_tokens(self) -> tuple[str, int] | None:
+        given = "max_tokens" in self.model_fields_set and self.max_tokens is not None
+        return ("max_tokens", self.max_tokens) if given else None  # type: ignore[return-value]
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts in order: one text or one list of token ids each (a batch gives several)."""
@@ -499,6 +583,86 @@ class CompletionRequest(_SamplingRequest):
         if all(isinstance(x, int) for x in p):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- a request's size, before any work
+
+
+@dataclass(frozen=True)
+class RequestSize:
+    """What the server's caps and the context judge of a request before doing any work with it: how many
+    prompts, how many choices each, and its longest prompt, as text (characters; for chat all the
+    messages' text) or as token ids; `param` is the field that holds the prompts.
+
+    `of` reads it from a validated request. `glance` reads it from the start of a large body before the
+    body is parsed whole: every number is then a lower bound (`partial`), enough to refuse a batch of
+    millions of prompts or a prompt of millions of characters at the cost of parsing one megabyte."""
+
+    param: str
+    prompts: int
+    n: int
+    text_chars: int
+    token_ids: int
+    partial: bool = False
+
+    @classmethod
+    def of(cls, req: ChatCompletionRequest | CompletionRequest) -> RequestSize:
+        n = req.n or 1
+        if isinstance(req, ChatCompletionRequest):
+            return cls("messages", 1, n, req.text_chars(), 0)
+        prompts = req.prompts()
+        return cls(
+            param="prompt",
+            prompts=len(prompts),
+            n=n,
+            text_chars=max((len(p) for p in prompts if isinstance(p, str)), default=0),
+            token_ids=max((len(p) for p in prompts if isinstance(p, list)), default=0),
+        )
+
+    @classmethod
+    def glance(cls, body: bytes | bytearray, chat: bool) -> RequestSize | None:
+        """The size as far as the first GLANCE_BYTES of `body` tell (a value cut off at the end counts
+        with what it has), or None when they don't start a JSON object. Only bounds are read here; the
+        whole body is validated afterwards."""
+        try:
+            data = pydantic_core.from_json(body[:GLANCE_BYTES], allow_partial="trailing-strings")
+        except ValueError:
+            return None
+        if not isinstance(data, dict):
+            return None
+        n = data.get("n")
+        n = n if type(n) is int and n >= 1 else 1  # a bool is no count
+        if chat:
+            messages = data.get("messages")
+            chars = sum(map(_glanced_text, messages)) if isinstance(messages, list) else 0
+            return cls("messages", 1, n, chars, 0, partial=True)
+        prompt = data.get("prompt")
+        if isinstance(prompt, str):
+            return cls("prompt", 1, n, len(prompt), 0, partial=True)
+        if not isinstance(prompt, list) or not prompt:
+            return None
+        if isinstance(prompt[0], int):  # one prompt of token ids
+            return cls("prompt", 1, n, 0, len(prompt), partial=True)
+        chars = max((len(p) for p in prompt if isinstance(p, str)), default=0)
+        ids = max((len(p) for p in prompt if isinstance(p, list)), default=0)
+        return cls("prompt", len(prompt), n, chars, ids, partial=True)
+
+
+# How much of a body `RequestSize.glance` parses (about 30 ms of work at most), and from what size a body
+# is worth a glance before it is parsed whole (over 4,096 prompts of a few ids each).
+GLANCE_BYTES = 1 << 20
+GLANCE_FROM_BYTES = 1 << 18
+
+
+def _glanced_text(message: Any) -> int:
+    """Characters of text in one message of a glanced body (junk counts as none)."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, str):
+        return len(content)
+    if not isinstance(content, list):
+        return 0
+    texts = (part.get("text") for part in content if isinstance(part, dict) and part.get("type") == "text")
+    return sum(len(text) for text in texts if isinstance(text, str))
 
 
 def _param_from_loc(loc: Sequence[int | str]) -> str | None:
@@ -518,13 +682,13 @@ _TYPE_LABELS = frozenset({"str", "int", "float", "bool", "dict", "list", "none",
 M = TypeVar("M", bound=OpenAIModel)
 
 
-def parse_request(model: type[M], body: bytes | str | Mapping[str, Any]) -> M:
+def parse_request(model: type[M], body: bytes | bytearray | str | Mapping[str, Any]) -> M:
     """Validate a request body into `model`, turning every problem into a 400 InvalidRequestError.
 
     The message names each bad field and why; `param` is the most specific bad field.
     """
     try:
-        if isinstance(body, bytes | str):
+        if isinstance(body, bytes | bytearray | str):
             return model.model_validate_json(body)
         return model.model_validate(body)
     except ValidationError as exc:

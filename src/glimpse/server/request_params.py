@@ -1,6 +1,7 @@
 """A validated OpenAI request -> the engine's SamplingParams: the request's own fields, the server's
-defaults (the model's generation_config) for those it leaves out, max_tokens capped to the room left in
-the context, and response_format / structured_outputs as one JSON schema or regex."""
+defaults (the model's generation_config) for those it leaves out, a max_tokens the client set checked
+against the room left in the context (a default one capped to it), and response_format /
+structured_outputs as one JSON schema or regex."""
 
 from __future__ import annotations
 
@@ -38,12 +39,12 @@ def output_constraint(
     response_format: ResponseFormat | None, structured: StructuredOutputs | None
 ) -> tuple[dict[str, Any] | None, str | None]:
     """(json_schema, regex) from response_format or structured_outputs (validation has checked that at
-    most one is given, and that a schema sent as a string parses to an object)."""
+    most one is given, that a json_schema format has its schema, and that a schema sent as a string
+    parses to an object)."""
     if response_format is not None and response_format.type != "text":
-        schema = response_format.json_schema
-        if response_format.type == "json_object" or schema is None or schema.schema_ is None:
+        if response_format.type == "json_object":
             return {"type": "object"}, None
-        return schema.schema_, None
+        return response_format.json_schema.schema_, None  # type: ignore[union-attr]
     if structured is None:
         return None, None
     if structured.regex is not None:
@@ -56,15 +57,38 @@ def output_constraint(
     return (json.loads(schema) if isinstance(schema, str) else schema), None
 
 
+def check_max_tokens(
+    req: ChatCompletionRequest | CompletionRequest, room: int, max_model_len: int | None = None
+) -> None:
+    """As vLLM: a max_tokens (or max_completion_tokens) the client set above the `room` left in the
+    context (max_model_len - prompt tokens) is a 400, not silently capped."""
+    asked = req.asked_max_tokens
+    if asked is None or asked[1] <= room:
+        return
+    name, value = asked
+    if max_model_len is None:
+        detail = f"only {room} tokens are left in the model's context"
+    else:
+        prompt = max_model_len - room
+        detail = (
+            f"this model's context is {max_model_len} tokens and the prompt takes {prompt} of them "
+            f"({value} > {max_model_len} - {prompt})"
+        )
+    raise InvalidRequestError(f"{name} is too large: {value}; {detail}", param=name)
+
+
 def to_sampling_params(
     req: ChatCompletionRequest | CompletionRequest,
     default_max_tokens: int | None = None,
     defaults: Mapping[str, Any] | None = None,
+    max_model_len: int | None = None,
 ) -> SamplingParams:
     """SamplingParams for a request.
 
-    `default_max_tokens` is the room left in the context (max_model_len - prompt tokens); `defaults`
-    are the server's sampling defaults (from the model's generation_config) for fields not given.
+    `default_max_tokens` is the room left in the context (max_model_len - prompt tokens): a max_tokens
+    the client set must fit in it (`max_model_len`, when given, makes the refusal say the whole
+    context), a default one is capped to it. `defaults` are the server's sampling defaults (from the
+    model's generation_config) for fields not given.
     """
     if isinstance(req, ChatCompletionRequest):
         logprobs, prompt_param = (req.top_logprobs or 0) if req.logprobs else None, "messages"
@@ -77,7 +101,9 @@ def to_sampling_params(
         raise InvalidRequestError(
             "the prompt leaves no room to generate within the model's context length", param=prompt_param
         )
-    # As vLLM: the smallest of what was asked, the server's cap and the room left in the context.
+    if default_max_tokens is not None:
+        check_max_tokens(req, default_max_tokens, max_model_len)
+    # The smallest of what was asked (or defaulted), the server's cap and the room left in the context.
     limits = [req.requested_max_tokens, defaults.get("max_tokens"), default_max_tokens]
     limits = [v for v in limits if v is not None]
     json_schema, regex = output_constraint(req.response_format, req.structured_outputs)

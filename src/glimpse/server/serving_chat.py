@@ -12,7 +12,6 @@ non-streamed one.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -42,7 +41,6 @@ from glimpse.server.protocol import (
     Tool,
     UserMessage,
     VideoURLPart,
-    parse_request,
     random_id,
 )
 from glimpse.server.reasoning import ReasoningParser
@@ -203,12 +201,11 @@ class ChatHandler(ServingBase):
 
     async def create(self, request: Request) -> Response:
         arrival = time.monotonic()
-        body = await self.read_body(request)
-        req = parse_request(ChatCompletionRequest, body)
-        self.check_model(req.model)
+        req = await self.parse(request, ChatCompletionRequest)
         counts = self.check_media_counts(req)
-        forced = self.forced_output(body)
-        inp = await self.process(req, has_media=any(counts.values()))
+        forced = await self.forced_output(req.unknown_fields)
+        # a client that gives up while its media is fetched or decoded cancels that work
+        inp = await self.until_disconnected(request, self.process(req, has_media=any(counts.values())))
         params = self.sampling_params(req, inp, forced, "messages")
         if (schema := forced_tool_schema(req)) is not None:
             if params.json_schema is not None or params.regex is not None:
@@ -254,11 +251,13 @@ class ChatHandler(ServingBase):
         return counts
 
     async def process(self, req: ChatCompletionRequest, has_media: bool) -> ProcessedInput:
-        """Render the chat template and load the media (blocking work: off the event loop)."""
+        """Render the chat template and load the media, off the event loop (the media in the media pool)."""
         messages = [m.model_dump(exclude_none=True, by_alias=True) for m in req.messages]
         tools = [t.model_dump(exclude_none=True, by_alias=True) for t in req.tools or []]
         kwargs: dict[str, Any] = dict(
             tools=tools if req.tools_enabled else None,
+            add_generation_prompt=req.add_generation_prompt,
+            chat_template=req.chat_template,
             chat_template_kwargs=req.chat_template_kwargs,
             mm_processor_kwargs=req.mm_processor_kwargs,
             media_io_kwargs=req.media_io_kwargs,
@@ -267,7 +266,7 @@ class ChatHandler(ServingBase):
             media_policy=self.ctx.media_policy,
         )
         try:
-            return await asyncio.to_thread(self.ctx.llm.process_chat, messages, **kwargs)
+            return await self.ctx.llm.process_chat(messages, **kwargs)
         except GlimpseError:
             raise
         except _MEDIA_FAILURES as e:
@@ -287,7 +286,9 @@ class ChatHandler(ServingBase):
             content, calls = None, found
         logprobs = None
         if req.logprobs:
-            logprobs = chat_logprobs(c.token_ids, logprob_steps(c), req.top_logprobs or 0)
+            logprobs = chat_logprobs(
+                c.token_ids, logprob_steps(c), req.top_logprobs or 0, self.ctx.token_bytes
+            )
         return ChatCompletionChoice(
             index=c.index,
             message=ChatCompletionMessage(
@@ -339,7 +340,7 @@ class ChatHandler(ServingBase):
                 logprobs = None
                 if req.logprobs and new_ids:
                     steps = logprob_steps(c)[st.sent_tokens :]
-                    logprobs = chat_logprobs(new_ids, steps, req.top_logprobs or 0)
+                    logprobs = chat_logprobs(new_ids, steps, req.top_logprobs or 0, self.ctx.token_bytes)
                 st.sent_text, st.sent_tokens = len(c.text), len(c.token_ids)
                 if c.finish_reason is not None:
                     deltas += st.finish()

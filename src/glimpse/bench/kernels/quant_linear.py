@@ -12,21 +12,19 @@ torch reference (largest error / largest |reference|; one bf16 rounding is about
 activation quantisation adds its own). A device-to-device copy (bytes read + written) is
 measured first as the bandwidth ceiling.
 
-    python -m glimpse.bench.quant_kernels                    # all layers, M = 1 16 64 4096
-    python -m glimpse.bench.quant_kernels --m 1 16 --layers in_proj kv --sweep --json out.json
+    python -m glimpse.bench.kernels.quant_linear             # all layers, M = 1 16 64 4096
+    python -m glimpse.bench.kernels.quant_linear --m 1 16 --layers in_proj kv --sweep --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
-from collections.abc import Callable
 
 import torch
 
-from glimpse.kernels import triton_nvfp4
+from glimpse.bench.timing import sets_over_l2, time_graph
+from glimpse.kernels import backend, triton_nvfp4
 from glimpse.kernels.quant_formats import dequantize_fp8, dequantize_nvfp4, quantize_fp8, quantize_nvfp4
 from glimpse.kernels.quant_linear import fp8_linear, quantize_input_fp8
 from glimpse.kernels.triton_nvfp4 import LaunchConfig
@@ -43,7 +41,6 @@ LAYERS_12B = {
 }
 ROWS = (1, 16, 64, 4096)
 DEVICE = "cuda"
-ROTATE_BYTES = 256 << 20  # weight bytes cycled per implementation (L2 is 50-60 MB on H100/H200)
 
 # a few launch configurations per variant for --sweep
 SWEEP = {
@@ -65,39 +62,21 @@ SWEEP = {
 }
 
 
-def time_graph_ms(calls: list[Callable[[], object]], reps: int = 30, warmup: int = 3) -> float:
-    """Median ms per call: the calls captured once in a CUDA graph, the graph replayed `reps` times."""
-    for c in calls:  # compile and warm outside the capture
-        c()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    for _ in range(warmup):
-        graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    del graph
-    return statistics.median(times) / len(calls)
+def _time_ms(calls) -> float:
+    """Median ms per call of the calls in one CUDA graph."""
+    return time_graph(calls, reps=30).ms
 
 
 def copy_gbps(nbytes: int = 2 << 30) -> float:
     """Bytes read + written per second by a large device-to-device copy."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=DEVICE).normal_()
     dst = torch.empty_like(src)
-    return 2 * nbytes / time_graph_ms([lambda: dst.copy_(src)], reps=20) / 1e6
+    return 2 * nbytes / time_graph([lambda: dst.copy_(src)], reps=20).ms / 1e6
 
 
 def _copies(tensors: tuple[torch.Tensor, ...], nbytes: int) -> list[tuple[torch.Tensor, ...]]:
-    """The tensors and enough clones of them (at other addresses) to make ROTATE_BYTES together."""
-    n = max(2, math.ceil(ROTATE_BYTES / nbytes))
+    """The tensors and enough clones of them (at other addresses) to keep the calls' weights out of L2."""
+    n = sets_over_l2(nbytes, hi=256)
     return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(n - 1)]
 
 
@@ -125,7 +104,7 @@ def bench_layer(layer: str, m: int, sweep: bool = False, seed: int = 0) -> list[
     sets = _copies((w.bfloat16(),), 2 * n * k)
     ref = x.float() @ sets[0][0].float().T
     err = _error(torch.matmul(x, sets[0][0].T), ref)
-    ms = time_graph_ms([lambda s=s: torch.matmul(x, s[0].T) for s in sets])
+    ms = _time_ms([lambda s=s: torch.matmul(x, s[0].T) for s in sets])
     rows.append(_row(layer, m, k, n, "bf16_matmul", ms, 2 * n * k, err))
 
     # FP8: the matmul alone on pre-quantised activations, and the op (activation quantisation included)
@@ -139,10 +118,10 @@ def bench_layer(layer: str, m: int, sweep: bool = False, seed: int = 0) -> list[
         return torch._scaled_mm(xq, s[0].t(), scale_a=s_in, scale_b=s[1], out_dtype=torch.bfloat16)
 
     err = _error(scaled_mm(sets[0]), ref)
-    ms = time_graph_ms([lambda s=s: scaled_mm(s) for s in sets])
+    ms = _time_ms([lambda s=s: scaled_mm(s) for s in sets])
     rows.append(_row(layer, m, k, n, "fp8_scaled_mm", ms, n * k, err))
     err = _error(fp8_linear(x, weight, s_w, s_in), ref)
-    ms = time_graph_ms([lambda s=s: fp8_linear(x, s[0], s[1], s_in) for s in sets])
+    ms = _time_ms([lambda s=s: fp8_linear(x, s[0], s[1], s_in) for s in sets])
     rows.append(_row(layer, m, k, n, "fp8_linear", ms, n * k, err))
     del sets, weight
 
@@ -161,7 +140,7 @@ def bench_layer(layer: str, m: int, sweep: bool = False, seed: int = 0) -> list[
                 return triton_nvfp4.nvfp4_matmul(x, *s, variant=variant, config=cfg)
 
             err = _error(call(sets[0]), ref)
-            ms = time_graph_ms([lambda s=s: call(s) for s in sets])
+            ms = _time_ms([lambda s=s: call(s) for s in sets])
             used = cfg or triton_nvfp4.default_config(variant, m)
             rows.append(_row(layer, m, k, n, f"nvfp4_{variant}", ms, nbytes, err, config=used.__dict__))
     return rows
@@ -183,12 +162,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sweep", action="store_true", help="also time the NVFP4 kernel's SWEEP configurations")
     ap.add_argument("--json", default=None, help="write every row to this file")
     args = ap.parse_args(argv)
-    import triton
-
     head = {
         "device": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
-        "triton": triton.__version__,
+        "triton": backend.triton.__version__,
         "copy_GBps": round(copy_gbps(), 1),
     }
     print(json.dumps(head))

@@ -1,0 +1,3 @@
+from glimpse.bench.kernels.mamba_decode import main
+
+main()
