@@ -103,9 +103,12 @@ def test_scaled_mm_call_form_on_cpu(monkeypatch):
 
 
 @pytest.mark.skipif(not CUDA, reason="cuBLASLt FP8 needs CUDA")
-@pytest.mark.parametrize("m", [1, 7, 64, 300])
+@pytest.mark.parametrize("m", [1, 7, 16, 17, 64, 300])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fp8_scaled_mm_on_cuda(m, dtype, monkeypatch):
+def test_fp8_fast_paths_on_cuda(m, dtype, monkeypatch):
+    """Up to FP8_ROWS_MAX_ROWS rows the Triton rows kernel, beyond them cuBLASLt; both as the reference."""
+    from glimpse.kernels import triton_fp8
+
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 matrix units need sm_89+")
     n, k = 96, 256
@@ -113,16 +116,20 @@ def test_fp8_scaled_mm_on_cuda(m, dtype, monkeypatch):
     weight, s_w = quantize_fp8(w)
     s_in = x.abs().max() / 448
     calls = []
-    scaled_mm = torch._scaled_mm
-    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **kw: calls.append(1) or scaled_mm(*a, **kw))
+    scaled_mm, rows = torch._scaled_mm, triton_fp8.fp8_rows_matmul
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **kw: calls.append("mm") or scaled_mm(*a, **kw))
+    monkeypatch.setattr(
+        triton_fp8, "fp8_rows_matmul", lambda *a, **kw: calls.append("rows") or rows(*a, **kw)
+    )
     dev = [t.cuda() for t in (x.to(dtype), weight, s_w, s_in)]
     out = quant_linear.fp8_linear(*dev)
-    assert calls == [1]
+    assert calls == ["rows" if m <= quant_linear.FP8_ROWS_MAX_ROWS else "mm"]
     expect = _fp8_f64(x.to(dtype), weight, s_w, s_in)
     _check(out, expect, x.double().abs() @ w.double().abs().T, dtype, 1e-4)
     # shapes cuBLASLt can't take fall back to the reference
+    calls.clear()
     out = quant_linear.fp8_linear(dev[0][:, :40].contiguous(), dev[1][:, :40].contiguous(), dev[2], dev[3])
-    assert calls == [1] and out.shape == (m, n)
+    assert calls == [] and out.shape == (m, n)
 
 
 # NVFP4 --------------------------------------------------------------------------------------------------
