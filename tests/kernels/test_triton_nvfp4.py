@@ -100,12 +100,9 @@ def test_variants_ragged(m, n, k, variant, config, split, dtype):
 
 @pytest.mark.parametrize("m", [1, 3, 17, 64, 65])
 def test_default_dispatch_and_configs(m):
-    """nvfp4_matmul's own choice of variant and tiles (DECODE_VARIANT up to 64 rows, then PREFILL_VARIANT),
-    K = 16·33."""
+    """nvfp4_matmul's own choice of variant and tiles (default_variant), K = 16·33."""
     x, weight, scale, scale_2 = _case(m, 130, 528, torch.bfloat16, seed=m)
-    variant = (
-        triton_nvfp4.DECODE_VARIANT if m <= triton_nvfp4.DECODE_MAX_ROWS else triton_nvfp4.PREFILL_VARIANT
-    )
+    variant = triton_nvfp4.default_variant(m)
     roundings = 2 if variant.startswith("dequant") else 1
     _check(_run(x, weight, scale, scale_2), x, weight, scale, scale_2, roundings=roundings)
 

@@ -3,7 +3,9 @@ precision holds: the accuracy and capacity figures of the quantised checkpoints.
 
 For each precision the full-size model is built with random weights quantised as the published
 checkpoints are (bench/random_model.py), then a second copy of it whose quantised linears are replaced by
-bf16 linears holding the dequantised weights (every other tensor identical). Both run the same prompts
+bf16 linears holding the dequantised weights (every other tensor identical). FP8's static activation
+scales are first calibrated on the reference's activations for the same prompts (amax / 448 per layer,
+as modelopt calibrates), so the figure measures the format, not a guessed scale. Both run the same prompts
 through the engine, greedy, eager (no CUDA graphs, so a hook sees every step's logits):
 - agreement: per prompt, how many of the `steps` generated tokens match before the first difference, and
   the share of identical tokens;
@@ -34,7 +36,6 @@ from glimpse.kernels.quant_formats import dequantize_fp8, dequantize_nvfp4
 from glimpse.loader import weight_memory_bytes
 from glimpse.model.quant_linear import Fp8Linear, Nvfp4Linear
 from glimpse.sampling_params import SamplingParams
-
 
 
 def dequantised_(model: nn.Module) -> nn.Module:
@@ -85,8 +86,36 @@ def greedy_with_logits(model: nn.Module, prompts: list[list[int]], steps: int) -
         hook.remove()
         engine.close()
     # every step ran all prompts (same lengths, admitted together): row i of each capture is prompt i
-    logits = [torch.stack([c[i] for c in captured if c.shape[0] == len(prompts)]) for i in range(len(prompts))]
+    logits = [
+        torch.stack([c[i] for c in captured if c.shape[0] == len(prompts)]) for i in range(len(prompts))
+    ]
     return [tokens[str(i)] for i in range(len(prompts))], logits
+
+
+@torch.no_grad()
+def calibrate_input_scales_(quant: nn.Module, ref: nn.Module, prompts: list[list[int]]) -> int:
+    """Set each FP8 layer's static input_scale to amax / 448 of what its input holds when the dequantised
+    reference reads `prompts` (what modelopt's calibration does; the random model's default scale would
+    clamp or waste range). Returns the number of layers calibrated."""
+    amax: dict[str, torch.Tensor] = {}
+    layers = {name: m for name, m in quant.named_modules() if isinstance(m, Fp8Linear)}
+
+    def record(name):
+        def hook(_module, inputs, _out):
+            seen = inputs[0].detach().abs().amax().float()
+            amax[name] = torch.maximum(amax[name], seen) if name in amax else seen
+
+        return hook
+
+    hooks = [ref.get_submodule(name).register_forward_hook(record(name)) for name in layers]
+    try:
+        greedy_with_logits(ref, prompts, 1)
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, layer in layers.items():
+        layer.input_scale.copy_((amax[name] / 448.0).clamp(min=1e-12))
+    return len(layers)
 
 
 def compare(quant: nn.Module, ref: nn.Module, prompts: list[list[int]], steps: int) -> dict:
@@ -120,12 +149,16 @@ def sequences_that_fit(model: nn.Module, seq_len: int, ssm_dtype: torch.dtype) -
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--precisions", nargs="+", default=["bf16", "fp8", "nvfp4"], choices=["bf16", "fp8", "nvfp4"])
+    ap.add_argument(
+        "--precisions", nargs="+", default=["bf16", "fp8", "nvfp4"], choices=["bf16", "fp8", "nvfp4"]
+    )
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--seq-len", type=int, default=8192, help="sequence length for the capacity figure")
-    ap.add_argument("--arch", default="nemotron-nano-12b-v2", help="a random-weight preset of bench/random_model")
+    ap.add_argument(
+        "--arch", default="nemotron-nano-12b-v2", help="a random-weight preset of bench/random_model"
+    )
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -139,9 +172,15 @@ def main(argv: list[str] | None = None) -> None:
         prompts = torch.randint(10, vocab, (args.prompts, args.prompt_len), generator=gen).tolist()
         row = {"precision": precision, "weight_GiB": round(weight_memory_bytes(model) / 2**30, 2),
                "build_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
-        row["capacity"] = [sequences_that_fit(model, args.seq_len, d) for d in (torch.float32, torch.bfloat16)]
+        row["capacity"] = [
+            sequences_that_fit(model, args.seq_len, d) for d in (torch.float32, torch.bfloat16)
+        ]
         if quantization:
-            ref = dequantised_(random_model(args.arch, args.device, torch.bfloat16, quantization=quantization))
+            ref = dequantised_(
+                random_model(args.arch, args.device, torch.bfloat16, quantization=quantization)
+            )
+            if quantization == "fp8":
+                row["calibrated_input_scales"] = calibrate_input_scales_(model, ref, prompts)
             row["against_dequantised_bf16"] = compare(model, ref, prompts, args.steps)
             del ref
         print(json.dumps(row), flush=True)

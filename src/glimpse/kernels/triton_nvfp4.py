@@ -20,18 +20,21 @@ Both decodes are a few integer ops and one bitcast:
   activation dtype. weight_scale_2 · 2^8 multiplies the fp32 accumulator once at the end.
 So the products see the same weights as the fp32 reference and differ from it only in summation order.
 
-Three variants (`nvfp4_matmul` picks by M; each can be forced for tests and tuning):
-- "splitk" (decode, M ≤ DECODE_MAX_ROWS): programs over (N blocks, K splits[, rows]); each reads a
-  contiguous run of K steps of its weight columns once. With one row per program (M == 1) the product is
-  an fp32 multiply-add over a [groups, 8, BLOCK_N] accumulator reduced once at the end (GEMV); with more
-  rows it is a tl.dot on a BLOCK_M (16 to 64) row tile. Several K splits add into an fp32 buffer with atomics
-  (order not fixed, so the last bit may vary between runs), which is then cast to the output dtype.
-- "tiled" (prefill): programs over (N blocks, M blocks); tl.dot on [BLOCK_M, BLOCK_K/2] x [BLOCK_K/2,
-  BLOCK_N] activation-dtype tiles with an fp32 accumulator, written once.
-- "dequant" (a prefill alternative to measure against "tiled"): one Triton pass writes the whole weight
-  as e2m1 · e4m3 · 2^-8 in the activation dtype (exact), cuBLAS multiplies, and the output is scaled by
-  weight_scale_2 · 2^8 in place (two roundings of the output instead of one). At M in the thousands the
-  extra pass over the weight is a few percent of the matmul's time.
+Variants (`nvfp4_matmul` picks by M with `default_variant`; each can be forced for tests and tuning):
+- "rows" (one row: the GEMV): each program reads [BLOCK_N rows, groups, 8 bytes] weight tiles along K
+  (contiguous in memory and in each thread), sums a group's products before its scale multiplies them
+  once, and reduces at the end; K splits (atomics) only where N alone can't fill the GPU. (It has a tl.dot
+  branch for more rows too, slower than split-K's.)
+- "splitk" (2 to DECODE_MAX_ROWS rows): programs over (N blocks, K splits, row tiles); a tl.dot on a
+  BLOCK_M row tile with the weights dequantised as [groups, 8, BLOCK_N]. Several K splits add into an fp32
+  buffer with atomics (order not fixed, so the last bit may vary between runs), then cast.
+- "dequant_rows" (prefill) and "dequant": one Triton pass writes the whole weight as e2m1 · e4m3 · 2^-8
+  in the activation dtype (exact; row-wise with the even and odd elements interleaved in registers, or
+  column-wise), cuBLAS multiplies, and the output is scaled by weight_scale_2 · 2^8 in place (two
+  roundings of the output instead of one).
+- "tiled": programs over (N blocks, M blocks); tl.dot on [BLOCK_M, BLOCK_K/2] x [BLOCK_K/2, BLOCK_N]
+  tiles. Kept to measure against: at 4096 rows it is 12× slower than "dequant_rows" (the nibble reshape).
+How fast each is, and what bounds them, is in docs/PERFORMANCE.md (the H200, 2026-12-03).
 """
 
 from __future__ import annotations
@@ -45,9 +48,16 @@ from glimpse.kernels.backend import HAS_TRITON, tl, triton
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 GROUP = 16
 DECODE_MAX_ROWS = 64
-"""Largest M the default dispatch sends to DECODE_VARIANT (beyond: PREFILL_VARIANT)."""
-DECODE_VARIANT = "rows"
 PREFILL_VARIANT = "dequant_rows"
+
+
+def default_variant(m: int) -> str:
+    """What `nvfp4_matmul` runs for M rows, by measurement on the H200 (2026-12-03, the 12B model's
+    in_proj): one row the row-wise GEMV (49 µs against split-K's 62), up to DECODE_MAX_ROWS split-K with
+    tl.dot, beyond them PREFILL_VARIANT (dequantise + cuBLAS: 1.75 ms at 4096 rows, tiled 21.6 ms)."""
+    if m == 1:
+        return "rows"
+    return "splitk" if m <= DECODE_MAX_ROWS else PREFILL_VARIANT
 
 
 @dataclass(frozen=True)
@@ -65,11 +75,12 @@ class LaunchConfig:
 def default_config(variant: str, m: int) -> LaunchConfig:
     """Simple starting points, to be tuned on the card (python -m glimpse.bench.kernels.quant_linear)."""
     if variant == "splitk":
-        block_m = 1 if m == 1 else min(64, max(16, triton.next_power_of_2(m)))
-        return LaunchConfig(block_m=block_m, block_n=64, block_k=128, num_warps=4)
+        if m == 1:
+            return LaunchConfig(block_m=1, block_n=64, block_k=128, num_warps=4)
+        return LaunchConfig(block_m=16, block_n=128, block_k=128, num_warps=8)  # best of the sweep at M=64
     if variant == "rows":
         if m == 1:
-            return LaunchConfig(block_m=1, block_n=16, block_k=256, num_warps=4)
+            return LaunchConfig(block_m=1, block_n=16, block_k=512, num_warps=4)
         return LaunchConfig(block_m=min(64, max(16, triton.next_power_of_2(m))), block_n=64, block_k=128,
                             num_warps=4, num_stages=2)  # fmt: skip
     if variant == "dequant":
@@ -440,7 +451,7 @@ def nvfp4_matmul(
     `variant` "splitk", "tiled" or "dequant" (None: splitk for M ≤ DECODE_MAX_ROWS, else PREFILL_VARIANT);
     `config` overrides the tiles."""
     m, n, k = _check(x, weight, weight_scale)
-    variant = variant or (DECODE_VARIANT if m <= DECODE_MAX_ROWS else PREFILL_VARIANT)
+    variant = variant or default_variant(m)
     cfg = config or default_config(variant, m)
     if cfg.block_k % 32 or cfg.block_k & (cfg.block_k - 1):
         raise ValueError(f"block_k {cfg.block_k} must be a power of two and a multiple of 32")

@@ -135,10 +135,6 @@ def bench_layer(layer: str, m: int, sweep: bool = False, seed: int = 0) -> list[
     err = _error(quantize_input_fp8(x, s_in).float(), triton_fp8.quantize_input(x, s_in).float())
     ms = _time_ms([lambda: triton_fp8.quantize_input(x, s_in)])
     rows.append(_row(layer, m, k, n, "fp8_quantize_input", ms, 3 * m * k, err))
-    if m <= 64:
-        err = _error(triton_fp8.fp8_rows_matmul(x, sets[0][0], sets[0][1], s_in), ref)
-        ms = _time_ms([lambda s=s: triton_fp8.fp8_rows_matmul(x, s[0], s[1], s_in) for s in sets])
-        rows.append(_row(layer, m, k, n, "fp8_rows", ms, n * k, err))
     del sets, weight
 
     # NVFP4 (W4A16)
