@@ -1,6 +1,7 @@
 """Cold start of `glimpse serve` on a GPU: seconds from the command to ready, the engine's own breakdown
 (load, memory profile, CUDA graphs, warm-up), and the first requests' TTFT against the same requests once
-warm.
+warm; then a restart on the same machine (Triton's compiled kernels kept on disk), and optionally a start
+without the warm-up.
 
 A fresh machine is imitated by an empty Triton kernel cache (TRITON_CACHE_DIR in a new directory); the
 checkpoint's files are read once before, so they sit in the page cache as the target assumes. The
@@ -78,9 +79,11 @@ def ttft(url: str, model: str, n_tokens: int, seed: int) -> float:
     raise RuntimeError("the stream ended without a token")
 
 
-def serve_once(folder: Path, warmup: bool, port: int) -> dict:
-    """Start the server on an empty Triton cache, time it to ready, then the first and warm requests."""
-    env = dict(os.environ, TRITON_CACHE_DIR=tempfile.mkdtemp(prefix="triton-cold-"), PYTHONUNBUFFERED="1")
+def serve_once(folder: Path, warmup: bool, port: int, kernel_cache: str) -> dict:
+    """Start the server with Triton's kernel cache in `kernel_cache` (an empty folder: a fresh machine),
+    time it to ready, then the first and the warm requests."""
+    fresh = not any(Path(kernel_cache).iterdir())
+    env = dict(os.environ, TRITON_CACHE_DIR=kernel_cache, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "glimpse.cli", "serve", str(folder), "--port", str(port)]
     if not warmup:
         cmd.append("--no-warmup")
@@ -108,7 +111,7 @@ def serve_once(folder: Path, warmup: bool, port: int) -> dict:
     phases = re.search(r"engine startup: (.*)", text)
     loaded = re.search(r"loaded (.*)", text)
     return {
-        "warmup": warmup, "ready_s": round(ready, 2), "engine_startup": phases.group(1) if phases else None,
+        "warmup": warmup, "kernel_cache": "empty" if fresh else "kept", "ready_s": round(ready, 2), "engine_startup": phases.group(1) if phases else None,
         "loaded": loaded.group(1) if loaded else None,
         "requests": [
             {"request": name, "first_ttft_s": round(f, 3), "warm_ttft_s": round(w, 3), "ratio": round(f / w, 2)}
@@ -131,9 +134,11 @@ def main(argv: list[str] | None = None) -> None:
     if not (folder / ".complete").is_file():
         result["write_checkpoint_s"] = round(write_checkpoint(folder), 1)
     result["page_cache_read_s"] = round(read_into_page_cache(folder), 1)
-    runs = [serve_once(folder, warmup=True, port=args.port)]
+    kept = tempfile.mkdtemp(prefix="triton-")
+    runs = [serve_once(folder, warmup=True, port=args.port, kernel_cache=kept)]
+    runs.append(serve_once(folder, warmup=True, port=args.port + 1, kernel_cache=kept))  # a restart
     if args.no_warmup_too:
-        runs.append(serve_once(folder, warmup=False, port=args.port + 1))
+        runs.append(serve_once(folder, warmup=False, port=args.port + 2, kernel_cache=tempfile.mkdtemp()))
     result["runs"] = runs
     print(json.dumps(result, indent=1), flush=True)
     if args.json:
