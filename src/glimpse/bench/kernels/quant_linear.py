@@ -58,6 +58,10 @@ SWEEP = {
         for bm in (16, 64)
         for bn, bk, w, st in ((32, 128, 4, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 256, 4, 2))
     ],
+    "dequant_rows": [
+        LaunchConfig(block_m=0, block_n=bn, block_k=bk, num_warps=w)
+        for bn, bk, w in ((8, 512, 4), (32, 256, 4), (64, 128, 4), (16, 1024, 8), (64, 512, 8), (128, 256, 8))
+    ],
     "tiled": [
         LaunchConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in (
@@ -145,7 +149,11 @@ def bench_layer(layer: str, m: int, sweep: bool = False, seed: int = 0) -> list[
     for variant in nvfp4_variants(m):
         configs = [None]
         if sweep and variant in SWEEP:
-            configs += [c for c in SWEEP[variant] if variant == "tiled" or (c.block_m == 1) == (m == 1)]
+            configs += [
+                c
+                for c in SWEEP[variant]
+                if variant in ("tiled", "dequant_rows") or (c.block_m == 1) == (m == 1)
+            ]
         for cfg in configs:
 
             def call(s, variant=variant, cfg=cfg):
