@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import csv
 import json
-from collections import deque
+import threading
+import time
+from collections import defaultdict, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -158,6 +160,10 @@ class ExtractAgent:
             for name, prop in schema["properties"].items()
         }
         self.params = o.params(client.name, schema)
+        # Wall seconds per phase (a benchmark reads them): pages_wait (the model waiting for documents to
+        # load), pages_load_threads (reading and rendering, summed over the loading threads), reask.
+        self.timings: defaultdict[str, float] = defaultdict(float)
+        self._timings_lock = threading.Lock()
 
     # ---------------------------------------------------------------------------------------- schemas
     def _object(self, properties: dict[str, Any]) -> dict[str, Any]:
@@ -320,6 +326,14 @@ class ExtractAgent:
         doc.line = {"file": str(doc.path), "data": None, "pages": None, "error": message}
 
     def _load(self, doc: _Doc, cache_root) -> None:
+        started = time.monotonic()
+        try:
+            self._load_pages(doc, cache_root)
+        finally:
+            with self._timings_lock:
+                self.timings["pages_load_threads"] += time.monotonic() - started
+
+    def _load_pages(self, doc: _Doc, cache_root) -> None:
         o = self.options
         try:
             doc.key = file_key(doc.path)
@@ -407,7 +421,9 @@ class ExtractAgent:
             try:
                 while window:
                     doc, loading = window.popleft()
+                    waited = time.monotonic()
                     loading.result()
+                    self.timings["pages_wait"] += time.monotonic() - waited
                     load_next()
                     chunk.append(doc)
                     pages += len(doc.pages)
