@@ -10,8 +10,9 @@ Breakdown (seconds of wall time on the thread that drives the engine, each count
   scan / pages      the agent's own media work it had to wait for (thumbnail scan; clips or pages not
                     decoded or rendered yet when the model wanted them); the decoding done in threads
                     while the model worked is reported beside, as thread-seconds;
-  processing        prompts to engine inputs (chat template, tokenising, tiling, frame tensors, EVS's own
-                    bookkeeping), less the vision encoder calls inside it;
+  processing        prompts to engine inputs (tokenising, tiling, frame tensors, EVS's own bookkeeping) and
+                    adding them to the engine (compiling their JSON schemas), less the vision encoder
+                    calls inside it;
   vision            the vision encoder (RADIO + projector), the device synchronised around each call;
   prefill / decode  engine steps that computed prompt tokens (mixed steps count here) / only decoded,
                     less the vision encoder calls inside them (structured-output masks are inside both);
@@ -377,6 +378,7 @@ class EnginePhases:
         engine.step = self._step(engine.step)
         engine.scheduler.schedule = self._schedule(engine.scheduler.schedule)
         llm.processor.from_prompt = self._region(llm.processor.from_prompt, "processing")
+        engine.add_request = self._region(engine.add_request, "processing")
         for name in ("encode_video", "encode_images"):
             setattr(model, name, self._region(getattr(model, name), "vision", sync=True))
 

@@ -248,6 +248,8 @@ def main(args: argparse.Namespace) -> int:
     scenarios = [s for s in scenarios if s not in NO_MODEL_SCENARIOS]
     agents = [s for s in scenarios if s in agents_bench.SCENARIOS]  # they build their own engine
     if agents:
+        results["environment"] |= {"model": args.random_weights or args.model or "tiny-vl",
+                                   "weights": "random" if args.random_weights else "checkpoint"}  # fmt: skip
         out += agents_bench.run(args, agents, device, dtype, report=_report)
         scenarios = [s for s in scenarios if s not in agents]
     if scenarios:
