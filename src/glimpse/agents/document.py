@@ -9,9 +9,10 @@ of its value's tokens (the model's own log-probabilities, see confidence.py). Th
 with `jsonschema`; when fields fail, or are valid but less sure than `uncertain_below`, the model is
 asked once more, for those fields only, with small views of the pages and a `zoom(page, box)` tool that
 re-reads a region with more tiles (an uncertain field keeps its first value when the re-ask is even
-less sure). Every line carries `confidence`, field -> probability or null when the server sent none. A document that still fails, or cannot
-be read, gets its error in its line; the batch goes on. Documents run in chunks, every request of a
-chunk in one batched call; finished documents are cached, so an interrupted batch resumes.
+less sure). Every line carries `confidence`: field -> that probability, or null when the server sent
+no log-probabilities. A document that still fails, or cannot be read, gets its error in its line; the
+batch goes on. Documents run in chunks, every request of a chunk in one batched call; finished
+documents are cached, so an interrupted batch resumes.
 """
 
 from __future__ import annotations
