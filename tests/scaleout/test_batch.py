@@ -62,8 +62,9 @@ def test_documents_survive_a_killed_actor_and_a_rerun_does_nothing(ray_cluster, 
     summary = extract_on_ray(inputs, DOC_SCHEMA, "tiny-vl", out, options, ray_options)
 
     lines = lines_of(out)
-    assert sorted(line["file"] for line in lines) == sorted(inputs)  # each document once: none lost, none twice
-    assert (summary.total, summary.done, summary.failed, summary.actors) == (len(inputs), len(inputs) - 1, 1, 2)
+    # each document once: none lost, none twice
+    assert sorted(line["file"] for line in lines) == sorted(inputs)
+    assert (summary.done, summary.failed, summary.actors) == (len(inputs) - 1, 1, 2)
     # the killed actor's document was finished by the engine Ray restarted in its place
     assert len(set(workers)) >= 3 and not any(w.endswith(f":{killed[0]}") for w in workers[1:])
     for line in lines:
