@@ -423,7 +423,7 @@ def analyze_videos_on_ray(
 def print_summary(summary: BatchSummary, what: str) -> None:
     print(
         f"{summary.total} {what}: {summary.skipped} done before, {summary.done} done now, {summary.failed} "
-        f"with errors, on {summary.actors} engines in {summary.elapsed_s:.1f} s: {summary.out}",
+        f"with errors, on {summary.actors} engine(s) in {summary.elapsed_s:.1f} s: {summary.out}",
         file=sys.stderr,
     )
 

@@ -27,7 +27,8 @@ def add_ray_batch_flags(parser: argparse.ArgumentParser) -> None:
         "--ray", nargs="?", const="", default=None, metavar="ADDRESS",
         help="run the batch on a Ray cluster, one engine per GPU: ADDRESS as ray.init takes it ('auto', "
         "'ray://HEAD:10001'); alone: $RAY_ADDRESS, else a cluster running here, else a new local one. Put it "
-        "after the inputs. A rerun skips the inputs already done in the output",
+        "after the inputs. A rerun skips the inputs already done in the output. For `video`, --out is then a "
+        "directory for results.jsonl and the reports (default video-reports)",
     )  # fmt: skip
     g.add_argument("--ray-actors", type=int, default=None, metavar="N",
                    help="engines to start (default: one per GPU of the cluster; 1 without GPUs)")  # fmt: skip
@@ -45,12 +46,22 @@ def add_ray_batch_flags(parser: argparse.ArgumentParser) -> None:
                    help="also write the result lines as Parquet here")  # fmt: skip
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
 def add_ray_serve_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("Ray Serve replicas (docs/RAY.md)")
     g.add_argument("--ray-replicas", type=int, default=None, metavar="N",
                    help="serve with N replicas (one engine each, a GPU each on a GPU cluster) behind Ray "
                    "Serve's proxy on --host/--port")  # fmt: skip
-    g.add_argument("--ray-autoscaling", type=json.loads, default=None, metavar="JSON",
+    g.add_argument("--ray-autoscaling", type=_json_object, default=None, metavar="JSON",
                    help="Ray Serve's autoscaling_config instead of a fixed count, e.g. "
                    "'{\"min_replicas\": 1, \"max_replicas\": 8, \"target_ongoing_requests\": 64}'")  # fmt: skip
     g.add_argument("--ray-address", default=None, metavar="ADDRESS",
@@ -62,8 +73,8 @@ def add_ray_serve_flags(parser: argparse.ArgumentParser) -> None:
 def ray_options(args: argparse.Namespace) -> RayOptions:
     return RayOptions(
         address=args.ray or None, actors=args.ray_actors, gpus_per_actor=args.ray_gpus_per_actor,
-        cpus_per_actor=args.ray_cpus_per_actor, batch_size=args.ray_batch_size, retries=args.retries, retry_errors=args.retry_errors,
-        parquet=args.parquet, progress=not args.no_progress,
+        cpus_per_actor=args.ray_cpus_per_actor, batch_size=args.ray_batch_size, retries=args.retries,
+        retry_errors=args.retry_errors, parquet=args.parquet, progress=not args.no_progress,
     )  # fmt: skip
 
 
