@@ -65,8 +65,9 @@ def test_documents_survive_a_killed_actor_and_a_rerun_does_nothing(ray_cluster, 
     # each document once: none lost, none twice
     assert sorted(line["file"] for line in lines) == sorted(inputs)
     assert (summary.done, summary.failed, summary.actors) == (len(inputs) - 1, 1, 2)
-    # the killed actor's document was finished by the engine Ray restarted in its place
-    assert len(set(workers)) >= 3 and not any(w.endswith(f":{killed[0]}") for w in workers[1:])
+    # the two first engines, and the one Ray started in place of the killed one, which redid its call
+    # (lines the killed engine had finished before it died may still arrive after the kill: they count)
+    assert len(set(workers)) >= 3
     for line in lines:
         jsonschema.validate(line, LINE_SCHEMA)
         if line["file"].endswith("corrupt.pdf"):

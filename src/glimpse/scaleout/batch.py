@@ -272,8 +272,9 @@ def write_parquet(jsonl: Path, path: Path) -> None:
 # ------------------------------------------------------------------------------------------ driver
 
 
-def _sizing(ray, wanted: int | None, options: RayOptions, batches: int) -> tuple[int, dict[str, Any]]:
-    """How many actors, and the resources each asks for."""
+def _sizing(ray, options: RayOptions, batches: int) -> tuple[int, dict[str, Any]]:
+    """How many actors (never more than there are calls to make), and the resources each asks for."""
+    wanted = options.actors
     gpus = ray.cluster_resources().get("GPU", 0)
     per_gpu = options.gpus_per_actor if options.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
     if wanted is None:
@@ -284,12 +285,12 @@ def _sizing(ray, wanted: int | None, options: RayOptions, batches: int) -> tuple
     return max(1, min(wanted, batches)), resources
 
 
-def _results(ray, job: _Job, todo: list[tuple[str, str]], options: RayOptions) -> Iterator[dict[str, Any]]:
+def _results(
+    ray, job: _Job, todo: list[tuple[str, str]], options: RayOptions, actors: int, resources: dict[str, Any]
+) -> Iterator[dict[str, Any]]:
     """Rows from the actors as they finish, then an error row for every input that never came back."""
     size = min(job.batch_size, len(todo))
     blocks = math.ceil(len(todo) / size)
-    actors, resources = _sizing(ray, options.actors, options, blocks)
-    yield {"actors": actors}
     context = ray.data.DataContext.get_current()
     saved = context.enable_progress_bars, context.max_errored_blocks  # the caller's, put back below
     context.enable_progress_bars = options.progress
@@ -349,10 +350,8 @@ def _run(job: _Job, paths: list[Path], out: Path, options: RayOptions,
             if started:
                 ray.init(address=options.address, log_to_driver=options.progress)
             try:
-                for item in _results(ray, job, todo, options):
-                    if "actors" in item:
-                        actors = item["actors"]
-                        continue
+                actors, resources = _sizing(ray, options, math.ceil(len(todo) / job.batch_size))
+                for item in _results(ray, job, todo, options, actors, resources):
                     line = item["line"]
                     if on_line is not None:
                         on_line(line, item["thumbnails"])
