@@ -10,6 +10,7 @@ import gc
 import itertools
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from glimpse.engine.sampler import SequenceSamplingState, make_generator, needs_
 from glimpse.engine.scheduler import Scheduler
 from glimpse.engine.structured import StructuredOutputCompiler
 from glimpse.engine.vision_encoder import CachedVisionEncoder
+from glimpse.engine.warmup import warm_up
 from glimpse.errors import InvalidRequestError
 from glimpse.inputs import MediaSpan
 from glimpse.model.loading import load_model, resolve_model_path
@@ -45,6 +47,8 @@ class LLMEngine:
         """Load `cfg.model` (a checkpoint), or serve a prebuilt `model` with `tokenizer` (the benchmark's
         full-size random-weight model)."""
         self.cfg = cfg
+        started = time.perf_counter()
+        self.startup_seconds: dict[str, float] = {}  # phase -> seconds, logged once ready
         self.device = cfg.resolve_device()
         self.dtype = cfg.resolve_dtype(self.device)
         self.ssm_dtype = DTYPES[cfg.cache.mamba_ssm_cache_dtype]
@@ -65,8 +69,11 @@ class LLMEngine:
             self.model_dir, self.model, self.tokenizer = None, model, tokenizer
             self.eos_token_ids = list(model.llm_config.eos_token_ids)
         self.config: NemotronHConfig = self.model.llm_config
+        self.startup_seconds["load"] = time.perf_counter() - started
 
+        mark = time.perf_counter()
         budget = cache_budget(self.model, cfg, self.device, self.dtype, self.ssm_dtype)
+        self.startup_seconds["profile"] = time.perf_counter() - mark
         slots, blocks, self.max_model_len = plan_memory(self.config, cfg, budget, self.dtype, self.ssm_dtype)
         use_graphs = self.device.type == "cuda" and not cfg.scheduler.enforce_eager
         # With CUDA graphs, one extra slot and block (no sequence owns them) absorb the padding rows.
@@ -92,12 +99,14 @@ class LLMEngine:
             self.model, self.cache_tensors, self.device, self.eos_token_ids, self._default_generator,
             self.vision_encoder,
         )  # fmt: skip
+        mark = time.perf_counter()
         if use_graphs:
             self.runner.graphs = DecodeGraphs(
                 self.model, self.cache_tensors, self.device, self.scheduler.max_num_seqs,
                 -(-self.max_model_len // cfg.cache.block_size), scratch_slot=slots, scratch_block=blocks,
             )  # fmt: skip
             self.runner.graphs.capture()
+        self.startup_seconds["graphs"] = time.perf_counter() - mark
         self.think_ids = think_token_ids(self.tokenizer)
         self.outputs = OutputProcessor(
             self.tokenizer, self.eos_token_ids, self.max_model_len, self.scheduler,
@@ -113,10 +122,21 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
+        if cfg.scheduler.warmup:
+            self.startup_seconds["warmup"] = warm_up(self)
+        self.startup_seconds["total"] = time.perf_counter() - started
+        log.info("engine startup: %s", ", ".join(f"{k} {v:.1f} s" for k, v in self.startup_seconds.items()))
         log.info(
             "engine ready: %s on %s (%s), %d state slots, %d KV blocks of %d, max_model_len %d",
             self.model_dir, self.device, self.dtype, slots, blocks, cfg.cache.block_size, self.max_model_len,
         )  # fmt: skip
+
+    def forget_warmup(self) -> None:
+        """Zero the counters /metrics reads after the warm-up's synthetic requests (engine/warmup.py)."""
+        self.runner.num_forward_tokens = 0
+        self.scheduler.num_preemptions = 0
+        if self.prefix_cache is not None:
+            self.prefix_cache.queries = self.prefix_cache.query_tokens = self.prefix_cache.hit_tokens = 0
 
     def _copy_state(self, src: int, dst: int) -> None:
         """Copy one state slot into another across every Mamba layer (prefix snapshots in and out)."""
