@@ -16,7 +16,7 @@ import pytest
 # an optional dependency, a heavy module kept off a hot import path). Lower it as they go; raise it only for
 # a reason like today's: the CLI loads the model code (torch) only once its arguments and the port have been
 # checked, and `glimpse --help` stays fast. 86 at the start of the restructuring (2026-12-03).
-MAX_IMPORTS_INSIDE_FUNCTIONS = 30
+MAX_IMPORTS_INSIDE_FUNCTIONS = 31  # +1: glimpse.scaleout.serve, loaded only to serve on Ray
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = ROOT / "pyproject.toml"

@@ -9,12 +9,13 @@ import sys
 import unicodedata
 from pathlib import Path
 
-from glimpse.agents.cli import add_extract_args, add_video_args, run_extract, run_video
+from glimpse.agents.cli import add_extract_args, add_video_args
 from glimpse.bench.run import add_bench_args
 from glimpse.bench.run import main as bench_main
 from glimpse.engine.config import EngineConfig
 from glimpse.errors import CheckpointError, GlimpseError
 from glimpse.sampling_params import SamplingParams
+from glimpse.scaleout import cli as scaleout
 from glimpse.server.config import add_serve_flags, serve_configs, vllm_only_notes
 from glimpse.server.startup import StartupError
 from glimpse.settings import add_flags, setting_values
@@ -140,6 +141,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configs = serve_configs(args)
     for note in vllm_only_notes(args):
         logging.getLogger("glimpse.server").warning(note)
+    if scaleout.wants_ray_serve(args):
+        return scaleout.serve_command(args, *configs)
     run_server(*configs)
     return 0
 
@@ -203,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")
     add_serve_flags(s)
+    scaleout.add_ray_serve_flags(s)
     s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="benchmarks (see docs/PERFORMANCE.md)")
@@ -211,10 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("video", help="answers, a summary and chapters for a video, with a report")
     add_video_args(v)
-    v.set_defaults(func=run_video)
+    scaleout.add_ray_batch_flags(v)
+    v.set_defaults(func=scaleout.video_command)
     x = sub.add_parser("extract", help="one JSON record per document, under a JSON Schema")
     add_extract_args(x)
-    x.set_defaults(func=run_extract)
+    scaleout.add_ray_batch_flags(x)
+    x.set_defaults(func=scaleout.extract_command)
     return parser
 
 

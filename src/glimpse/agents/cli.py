@@ -58,7 +58,7 @@ def _client(args: argparse.Namespace):
 
 
 def add_video_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", help="the video file")
+    p.add_argument("file", nargs="+", metavar="FILE", help="the video (several, or directories, with --ray)")
     p.add_argument("--ask", metavar="QUESTION", default=None, help="a question to answer, citing time ranges")
     p.add_argument("--summary", action="store_true", help="summarise the video")
     p.add_argument("--chapters", action="store_true", help="divide the video into chapters")
@@ -105,7 +105,10 @@ def video_options(args: argparse.Namespace) -> VideoOptions:
 
 
 def run_video(args: argparse.Namespace) -> int:
-    path = Path(args.file)
+    if len(args.file) > 1:
+        print("glimpse video: error: one video at a time here; --ray runs many", file=sys.stderr)
+        return 2
+    path = Path(args.file[0])
     if not path.is_file():
         print(f"glimpse video: error: no such file: {path}", file=sys.stderr)
         return 2

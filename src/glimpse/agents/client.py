@@ -99,13 +99,14 @@ class ModelClient:
 
 
 class InProcessClient(ModelClient):
-    """`glimpse.LLM` in this process; every call is one batched `generate`."""
+    """`glimpse.LLM` in this process; every call is one batched `generate`. `llm` is an `LLM`, or a model
+    to load as `LLM(llm, **engine_args)`."""
 
-    def __init__(self, llm: Any, name: str | None = None) -> None:
+    def __init__(self, llm: Any, name: str | None = None, **engine_args: Any) -> None:
         if isinstance(llm, str):
             from glimpse.engine.llm import LLM  # torch and the model code: only for in-process use
 
-            name, llm = name or llm, LLM(llm)
+            name, llm = name or llm, LLM(llm, **engine_args)
         self.llm = llm
         self.name = name or "in-process"
         self.tokenizer = llm.get_tokenizer()

@@ -121,7 +121,8 @@ def load_pages(path: Path, max_pages: int, dpi: float) -> list[Image.Image]:
     return pages
 
 
-def _check_schema(schema: Any) -> None:
+def check_schema(schema: Any) -> None:
+    """SchemaProblem unless `schema` can drive an extraction."""
     if (
         not isinstance(schema, dict)
         or not isinstance(schema.get("properties"), dict)
@@ -155,7 +156,7 @@ class ExtractAgent:
     def __init__(
         self, client: ModelClient, schema: dict[str, Any], options: ExtractOptions | None = None
     ) -> None:
-        _check_schema(schema)
+        check_schema(schema)
         self.client = client
         self.schema = schema
         self.options = options or ExtractOptions()

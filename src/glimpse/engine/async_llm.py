@@ -220,6 +220,11 @@ class AsyncLLM:
         self._stopped.set()
         self._thread.join(timeout=5)
 
+    def check_health(self) -> None:
+        """EngineDeadError when the engine thread no longer runs (what a health check asks)."""
+        if self._stopped.is_set() or not self._thread.is_alive():
+            raise EngineDeadError("the engine has stopped")
+
     def is_idle(self) -> bool:
         """No request in flight and every block and slot free (what tests check after a storm)."""
         return not self.engine.has_unfinished() and self.engine.all_memory_free() and self._commands.empty()
