@@ -103,7 +103,9 @@ class Followers:
         for rank, pipe in enumerate(self.pipes, start=1):
             if not pipe.poll(timeout_s):
                 self._wait_for_cause()
-                raise WorkerLostError(self.lost or f"tensor-parallel rank {rank} did not answer in {timeout_s:.0f} s")
+                raise WorkerLostError(
+                    self.lost or f"tensor-parallel rank {rank} did not answer in {timeout_s:.0f} s"
+                )
             try:
                 reply = pipe.recv()
             except (EOFError, OSError):
