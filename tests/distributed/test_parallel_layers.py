@@ -16,7 +16,7 @@ from glimpse.loader import Split, _read
 from glimpse.model.batch import ForwardBatch
 from glimpse.model.loading import check_tensor_parallel_size, load_model, resolve_model_path
 from glimpse.model.parallel import shard_config, tp_refusal
-from glimpse.model.tiny import make_tiny, tiny_text_config
+from glimpse.model.tiny import tiny_text_config
 from tests.distributed.ranks import run_ranks
 
 TOLERANCE = 1e-4
@@ -41,12 +41,6 @@ def three_steps(tp: TPGroup, model_dir: str) -> list[torch.Tensor]:
         out.append(model(batch, cache, input_ids=ids, logits_indices=torch.arange(sum(lens))))
         context = [c + n for c, n in zip(context, lens)]
     return out
-
-
-@pytest.fixture(scope="module")
-def tiny4(tmp_path_factory) -> str:
-    """The tiny text model with 4 Mamba groups, so that it splits four ways."""
-    return str(make_tiny(tmp_path_factory.mktemp("tiny4"), n_groups=4))
 
 
 @pytest.mark.parametrize("size", [2, 4])

@@ -75,9 +75,14 @@ def backend_for(device: torch.device) -> str:
 def init_group(
     rank: int, size: int, init_method: str, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S
 ) -> TPGroup:
-    """Join the process group (every rank calls this with the same `init_method` and `size`)."""
+    """Join the process group (every rank calls this with the same `init_method` and `size`). It is the
+    process's default group (the path NCCL is best trodden on), so one process holds one group at a time."""
     if size == 1:
         return SINGLE
+    if dist.is_initialized():
+        raise RuntimeError(
+            "a tensor-parallel engine is already running in this process; close it (engine.close()) first"
+        )
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(

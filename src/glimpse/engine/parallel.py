@@ -128,6 +128,8 @@ def follower_main(rank: int, size: int, init_method: str, pipe: Connection, payl
     cfg, model_dir, device_type = payload
     logging.basicConfig(level=logging.WARNING, format=f"rank {rank} %(levelname)s %(name)s: %(message)s")
     device = rank_device(torch.device(device_type), rank)
+    if device.type == "cpu":  # the ranks share this host's cores
+        torch.set_num_threads(max(1, torch.get_num_threads() // size))
     dtype = cfg.resolve_dtype(device)
     ssm_dtype = DTYPES[cfg.cache.mamba_ssm_cache_dtype]
     tp = init_group(rank, size, init_method, device)
