@@ -1,6 +1,7 @@
 """The split language model on real gloo groups gives the unsplit model's logits: a packed prefill of
-three sequences, a second chunk on top of their caches, and a decode step; TP = 2 and 4, bf16-free
-(float32) so the only difference is the order of the sums (tolerance 1e-4 on logits of size ~2)."""
+three sequences, a second chunk on top of their caches, and a decode step, in float32 so
+the only difference is the order of the sums (tolerance 1e-4 on logits of size ~2). (The VL model's
+language model is the same module: tests/distributed/test_tp_engine.py splits it end to end.)"""
 
 from __future__ import annotations
 
@@ -43,21 +44,14 @@ def three_steps(tp: TPGroup, model_dir: str) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("size", [2, 4])
-def test_split_model_matches_the_whole_one(tiny4, size):
+def test_split_model_matches_the_whole_one(tiny4):
+    """Two ranks here; four ranks run end to end in test_tp_engine.py (4 processes on CI's 2 cores are slow)."""
     want = three_steps(SINGLE, tiny4)
-    got = run_ranks(size, three_steps, tiny4)
+    got = run_ranks(2, three_steps, tiny4)
     for w, g in zip(want, got):
         assert g.shape == w.shape
         assert (g - w).abs().max().item() < TOLERANCE
         assert torch.equal(g.argmax(-1), w.argmax(-1))
-
-
-def test_split_vl_language_model_matches(tmp_path_factory):
-    model_dir = str(resolve_model_path("tiny-vl"))
-    want = three_steps(SINGLE, model_dir)
-    got = run_ranks(2, three_steps, model_dir)
-    assert max((g - w).abs().max().item() for g, w in zip(got, want)) < TOLERANCE
 
 
 def test_each_rank_holds_its_share_only(tiny4):

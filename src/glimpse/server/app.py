@@ -23,7 +23,6 @@ import hmac
 import json
 import logging
 import os
-import signal
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -355,10 +354,6 @@ def run_server(engine_config: EngineConfig, server_config: ServerConfig, llm: As
             logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         logging.getLogger("glimpse").setLevel(logging.INFO)
         app, ctx = build_server(engine_config, server_config, llm)
-        engine = ctx.llm.engine
-        # A tensor-parallel rank that dies leaves the model incomplete: stop serving (uvicorn's graceful
-        # shutdown on SIGTERM), then exit with the watchdog's reason.
-        engine.fatal_callbacks.append(lambda why: os.kill(os.getpid(), signal.SIGTERM))
         scheme = "https" if server_config.ssl_certfile else "http"
         log.info(
             "serving %s (max_model_len %d) on %s://%s:%d", ", ".join(map(repr, ctx.served_model_names)),
@@ -369,7 +364,12 @@ def run_server(engine_config: EngineConfig, server_config: ServerConfig, llm: As
             log_level=server_config.uvicorn_log_level, timeout_graceful_shutdown=5,
             ssl_keyfile=server_config.ssl_keyfile, ssl_certfile=server_config.ssl_certfile,
         )  # fmt: skip
-        uvicorn.Server(config).run(sockets=[sock])
+        server = uvicorn.Server(config)
+        # A tensor-parallel rank that dies leaves the model incomplete: stop serving (uvicorn's graceful
+        # shutdown), then exit with the watchdog's reason.
+        engine = ctx.llm.engine
+        engine.fatal_callbacks.append(lambda why: setattr(server, "should_exit", True))
+        server.run(sockets=[sock])
         if engine.fatal_error is not None:
             raise SystemExit(f"glimpse serve stopped: {engine.fatal_error}")
     finally:
