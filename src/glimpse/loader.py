@@ -178,7 +178,9 @@ def tensor_locations(files: list[Path]) -> dict[str, Path]:
     return {name: path for path in files for name in _header(path)}
 
 
-def read_tensor(path: Path, name: str, device: torch.device | str, split: Split | None = None) -> torch.Tensor:
+def read_tensor(
+    path: Path, name: str, device: torch.device | str, split: Split | None = None
+) -> torch.Tensor:
     """One tensor of one shard (or `split`'s part of it), read straight to `device`."""
     from safetensors import safe_open
 

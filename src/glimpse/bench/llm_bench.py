@@ -40,9 +40,13 @@ def _engine(ctx: BenchContext, **kw) -> LLMEngine:
     settings = dict(device=str(ctx.device), dtype=str(ctx.dtype).removeprefix("torch."), enable_prefix_caching=False,
                     seed=ctx.seed, **kw)  # fmt: skip
     if ctx.tensor_parallel_size > 1:  # the engine splits the checkpoint across its ranks itself
-        cfg = EngineConfig.from_kwargs(ctx.model_dir, tensor_parallel_size=ctx.tensor_parallel_size, **settings)
+        cfg = EngineConfig.from_kwargs(
+            ctx.model_dir, tensor_parallel_size=ctx.tensor_parallel_size, **settings
+        )
         return LLMEngine(cfg)
-    return LLMEngine(EngineConfig.from_kwargs("<bench>", **settings), model=ctx.model, tokenizer=ctx.tokenizer)
+    return LLMEngine(
+        EngineConfig.from_kwargs("<bench>", **settings), model=ctx.model, tokenizer=ctx.tokenizer
+    )
 
 
 def _release(engine: LLMEngine) -> None:

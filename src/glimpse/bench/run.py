@@ -128,7 +128,11 @@ def _load(args, device: torch.device, dtype: torch.dtype, vl: bool = False):
 
     if args.random_weights:
         tokenizer = bench_tokenizer() if is_vl_preset(args.random_weights) else None
-        return random_model(args.random_weights, device, dtype, quantization=args.quantization), tokenizer, None
+        return (
+            random_model(args.random_weights, device, dtype, quantization=args.quantization),
+            tokenizer,
+            None,
+        )
     from glimpse.model.loading import load_model, resolve_model_path
     from glimpse.processing.tokenizer import load_tokenizer
 
@@ -232,7 +236,9 @@ def main(args: argparse.Namespace) -> int:
     if args.random_weights:
         check_random_weights_fit(args.random_weights, device, dtype)
         if args.tensor_parallel_size > 1:
-            raise ValueError("--tensor-parallel-size needs a checkpoint (--model) to split, not --random-weights")
+            raise ValueError(
+                "--tensor-parallel-size needs a checkpoint (--model) to split, not --random-weights"
+            )
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     results: dict = {"environment": _environment(device), "results": []}
     if "hf-reference" in scenarios:

@@ -30,7 +30,7 @@ from glimpse.engine.cuda_graphs import DecodeGraphs
 from glimpse.engine.detokenizer import IncrementalDetokenizer
 from glimpse.engine.memory import prefix_cache_bytes
 from glimpse.engine.output_processor import OutputProcessor
-from glimpse.engine.parallel import TPLeader, plan_caches, rank_device
+from glimpse.engine.parallel import CaptureGraphs, TPLeader, graphs_with_tp, plan_caches, rank_device
 from glimpse.engine.prefix_cache import PrefixCache, prompt_block_hashes, snapshot_points
 from glimpse.engine.request import PENDING_TOKEN, Request, Sequence
 from glimpse.engine.runner import ModelRunner, PendingStep
@@ -91,9 +91,9 @@ class LLMEngine:
             self.eos_token_ids = list(model.llm_config.eos_token_ids)
         self.config: NemotronHConfig = self.model.llm_config  # this rank's share with tensor parallelism
 
-        # CUDA graphs only without tensor parallelism: the followers would have to capture and replay theirs
-        # in step (with their collectives inside), which is not done yet.
-        use_graphs = self.device.type == "cuda" and not cfg.scheduler.enforce_eager and not tp.is_parallel
+        use_graphs = self.device.type == "cuda" and not cfg.scheduler.enforce_eager
+        if tp.is_parallel:  # each rank captures and replays its own graphs (opt-in: engine/parallel.py)
+            use_graphs = graphs_with_tp(cfg, self.device)
         # With CUDA graphs, one extra slot and block (no sequence owns them) absorb the padding rows.
         extra = 1 if use_graphs else 0
         self.cache_tensors, slots, blocks, self.max_model_len = plan_caches(
@@ -122,6 +122,11 @@ class LLMEngine:
                 self.model, self.cache_tensors, self.device, self.scheduler.max_num_seqs,
                 -(-self.max_model_len // cfg.cache.block_size), scratch_slot=slots, scratch_block=blocks,
             )  # fmt: skip
+            if self.tp_leader is not None:
+                graphs = self.runner.graphs
+                self.tp_leader.capture_graphs(
+                    CaptureGraphs(graphs.max_batch, graphs.tables.shape[1], slots, blocks)
+                )
             self.runner.graphs.capture()
         self.think_ids = think_token_ids(self.tokenizer)
         self.outputs = OutputProcessor(
@@ -159,7 +164,9 @@ class LLMEngine:
                 f"tensor_parallel_size={size} needs {size} GPUs, this host has {torch.cuda.device_count()}"
             )
         if self.device.type == "cuda" and self.device.index not in (None, 0):
-            raise ValueError("with tensor parallelism rank r runs on cuda:r; give device 'cuda', not a GPU number")
+            raise ValueError(
+                "with tensor parallelism rank r runs on cuda:r; give device 'cuda', not a GPU number"
+            )
         self.device = rank_device(self.device, 0)
         self.tp_leader = TPLeader(cfg, self.model_dir, self.device)
         self.tp_leader.followers.on_death.append(self._on_rank_lost)
@@ -170,6 +177,7 @@ class LLMEngine:
         self.fatal_error = why
         for callback in list(self.fatal_callbacks):
             callback(why)
+
     def _copy_state(self, src: int, dst: int) -> None:
         """Copy one state slot into another across every Mamba layer (prefix snapshots in and out)."""
         if self.tp_leader is not None:

@@ -18,6 +18,7 @@ agree on the smallest one (all-reduce min), plan the pools, allocate them.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -28,6 +29,7 @@ from glimpse.distributed.group import TPGroup, destroy_group, init_group
 from glimpse.distributed.workers import Followers, WorkerLostError, free_tcp_address
 from glimpse.engine.cache import allocate_cache_tensors
 from glimpse.engine.config import DTYPES, EngineConfig
+from glimpse.engine.cuda_graphs import DecodeGraphs
 from glimpse.engine.memory import cache_budget, plan_memory
 from glimpse.model.batch import CacheTensors, ForwardBatch
 from glimpse.model.loading import load_model
@@ -47,6 +49,32 @@ class ForwardStep:
     block_tables: list[list[int]]
     logits_indices: list[int] | None  # None: each sequence's last token
     with_embeds: bool  # rank 0 broadcasts the input embeddings (media written in) after the ids
+
+
+@dataclass(frozen=True)
+class GraphStep:
+    """A decode step rank 0 replays from a CUDA graph: the followers replay theirs (ids as a broadcast)."""
+
+    slots: list[int]
+    block_tables: list[list[int]]
+    context_lens: list[int]
+
+
+@dataclass(frozen=True)
+class CaptureGraphs:
+    """Capture the decode graphs, as rank 0 is about to (same sizes, same order: collectives inside)."""
+
+    max_batch: int
+    max_blocks_per_seq: int
+    scratch_slot: int
+    scratch_block: int
+
+
+def graphs_with_tp(cfg: EngineConfig, device: torch.device) -> bool:
+    """Decode CUDA graphs under tensor parallelism: opt in with GLIMPSE_TP_CUDA_GRAPHS=1 until they are
+    proven on GPUs (each rank captures NCCL collectives into its graphs)."""
+    wanted = os.environ.get("GLIMPSE_TP_CUDA_GRAPHS", "0") == "1"
+    return wanted and device.type == "cuda" and not cfg.scheduler.enforce_eager
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:
@@ -117,6 +145,14 @@ class TPLeader:
     def share_embeds(self, embeds: torch.Tensor) -> None:
         self.tp.broadcast(embeds)
 
+    def capture_graphs(self, capture: CaptureGraphs) -> None:
+        self.followers.send(capture)
+
+    def replay(self, step: GraphStep, ids: torch.Tensor) -> None:
+        """Announce a graph replay and send its token ids (before rank 0 replays its own graph)."""
+        self.followers.send(step)
+        self.tp.broadcast(ids)
+
     def close(self) -> None:
         self.followers.close()
         destroy_group(self.tp)
@@ -135,7 +171,8 @@ def follower_main(rank: int, size: int, init_method: str, pipe: Connection, payl
     tp = init_group(rank, size, init_method, device)
     try:
         model = load_model(Path(model_dir), device, dtype, cfg.quantization, tp=tp)
-        cache, *_ = plan_caches(model, cfg, tp, device, dtype, ssm_dtype, extra=0)
+        extra = 1 if graphs_with_tp(cfg, device) else 0  # as rank 0: the graphs' scratch slot and block
+        cache, *_ = plan_caches(model, cfg, tp, device, dtype, ssm_dtype, extra)
         _follow(model, cache, tp, pipe, device)
     except (EOFError, OSError, WorkerLostError):
         pass  # rank 0 has gone: nothing to report to
@@ -145,11 +182,25 @@ def follower_main(rank: int, size: int, init_method: str, pipe: Connection, payl
 
 @torch.inference_mode()
 def _follow(model, cache: CacheTensors, tp: TPGroup, pipe: Connection, device: torch.device) -> None:
+    graphs: DecodeGraphs | None = None
     while True:
         message = pipe.recv()
         if message is None:
             return
-        if isinstance(message, ForwardStep):
+        if isinstance(message, GraphStep):
+            n = len(message.slots)
+            ids = tp.broadcast(torch.empty(n, dtype=torch.long, device=device))
+            rows = torch.arange(n, device=device)
+            graphs.run(
+                [0] * n, message.slots, message.block_tables, message.context_lens, device_ids=(rows, ids)
+            )
+        elif isinstance(message, CaptureGraphs):
+            graphs = DecodeGraphs(
+                model, cache, device, message.max_batch, message.max_blocks_per_seq, message.scratch_slot,
+                message.scratch_block,
+            )  # fmt: skip
+            graphs.capture()
+        elif isinstance(message, ForwardStep):
             batch = build_batch(message, device)
             ids = tp.broadcast(torch.empty(batch.num_tokens, dtype=torch.long, device=device))
             embeds = None

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from glimpse.engine.parallel import ForwardStep, TPLeader
+from glimpse.engine.parallel import ForwardStep, GraphStep, TPLeader
 from glimpse.engine.request import PENDING_TOKEN, Sequence
 from glimpse.engine.sampler import SamplerOutput, prompt_logprobs, sample, sample_on_device
 from glimpse.engine.scheduler import SchedulerOutput
@@ -125,9 +125,11 @@ class ModelRunner:
         chunks = sched.chunks
         if self.can_replay(chunks):
             seqs = [c.seq for c in chunks]
+            host_ids = [c.seq.token_at(c.start) for c in chunks]
+            if self.leader is not None:
+                self._announce_replay(chunks, host_ids, None)
             logits = self.graphs.run(
-                [c.seq.token_at(c.start) for c in chunks], [c.seq.slot for c in chunks],
-                [c.seq.block_ids for c in chunks], [c.start for c in chunks],
+                host_ids, [c.seq.slot for c in chunks], [c.seq.block_ids for c in chunks], [c.start for c in chunks],
             )  # fmt: skip
             self.num_forward_tokens += len(chunks)
             return seqs, self._sample(seqs, logits), []
@@ -211,6 +213,8 @@ class ModelRunner:
             idx = idx.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else idx
             device_ids = (idx[0], prev.tokens.index_select(0, idx[1]))
         if self.can_replay(chunks):
+            if self.leader is not None:
+                self._announce_replay(chunks, host_ids, device_ids)
             logits = self.graphs.run(
                 host_ids, [c.seq.slot for c in chunks], [c.seq.block_ids for c in chunks],
                 [c.start for c in chunks], device_ids=device_ids,
@@ -238,6 +242,17 @@ class ModelRunner:
             done.record()
         out_index = [len(s.output_token_ids) for s in seqs]
         return PendingStep(seqs, out_index, tokens, host_tokens, host_lp, done)
+
+    def _announce_replay(self, chunks, host_ids: list[int], device_ids) -> None:
+        """Tell the follower ranks to replay their graph for this decode step; the ids (some perhaps still
+        on the device from the step before) go as one broadcast."""
+        ids = torch.tensor(host_ids, dtype=torch.long).to(self.device)
+        if device_ids is not None:
+            ids.index_copy_(0, *device_ids)
+        step = GraphStep(
+            [c.seq.slot for c in chunks], [list(c.seq.block_ids) for c in chunks], [c.start for c in chunks]
+        )
+        self.leader.replay(step, ids)
 
     def _batch(self, chunks) -> ForwardBatch:
         width = max(len(c.seq.block_ids) for c in chunks)

@@ -163,4 +163,3 @@ def _load(
     size = weight_memory_bytes(model)
     shown = f"{size / 2**30:.2f} GiB" if size >= 2**27 else f"{size / 2**20:.1f} MiB"
     log.info("loaded %s: %s on %s", precision, shown, device)
-
