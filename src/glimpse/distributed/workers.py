@@ -34,6 +34,13 @@ def free_tcp_address() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
+def _death_message(rank: int, proc: mp.process.BaseProcess, size: int) -> str:
+    return (
+        f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}; "
+        f"the model is split across {size} processes and cannot run without it"
+    )
+
+
 class Followers:
     """Ranks 1..size-1 of a group whose rank 0 is this process."""
 
@@ -45,6 +52,7 @@ class Followers:
         self.lost: str | None = None  # why the group broke, once it has
         self.on_death: list[Callable[[str], None]] = []
         self._closing = False
+        self._lock = threading.Lock()
         for rank in range(1, size):
             ours, theirs = ctx.Pipe()
             proc = ctx.Process(
@@ -66,15 +74,13 @@ class Followers:
                 if self._closing:
                     continue
                 proc.join(timeout=1)
-                self._mark_lost(
-                    f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}; "
-                    f"the model is split across {self.size} processes and cannot run without it"
-                )
+                self._mark_lost(_death_message(rank, proc, self.size))
 
     def _mark_lost(self, why: str) -> None:
-        if self.lost is not None:
-            return
-        self.lost = why
+        with self._lock:  # the watchdog and the engine's thread may both find the death
+            if self.lost is not None:
+                return
+            self.lost = why
         log.critical("%s", why)
         for callback in list(self.on_death):
             try:
@@ -117,20 +123,24 @@ class Followers:
         return replies
 
     def explain(self, error: BaseException) -> BaseException:
-        """A collective that failed: WorkerLostError with the watchdog's reason when a follower died,
+        """A step that failed: WorkerLostError with the watchdog's reason when a follower died (a
+        collective fails as its peer's socket closes, a moment before the watchdog may have looked),
         else the error itself."""
-        self._wait_for_cause()
+        if self.lost is None and isinstance(error, (RuntimeError, OSError)):
+            self._wait_for_cause(timeout_s=1.0)
         return WorkerLostError(f"{self.lost} ({type(error).__name__}: {error})") if self.lost else error
 
     def _wait_for_cause(self, timeout_s: float = 3.0) -> None:
-        """A failed send or collective is usually a dead follower the watchdog hasn't reported yet."""
+        """A failed send or collective is usually a dead follower the watchdog hasn't reported yet: wait
+        up to `timeout_s` for one to have exited."""
+        if self.lost is not None or self._closing:
+            return
+        wait([p.sentinel for p in self.procs], timeout=timeout_s)
         for rank, proc in enumerate(self.procs, start=1):
-            proc.join(timeout=timeout_s if self.lost is None else 0)
-            if not proc.is_alive() and self.lost is None and not self._closing:
-                self._mark_lost(
-                    f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}; "
-                    f"the model is split across {self.size} processes and cannot run without it"
-                )
+            if not proc.is_alive():
+                proc.join(timeout=1)
+                self._mark_lost(_death_message(rank, proc, self.size))
+                return
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Ask every follower to stop, then make sure it has (terminated after `timeout_s`)."""

@@ -294,7 +294,10 @@ class LLMEngine:
         try:
             return self._step()
         except Exception as e:
-            raise self.tp_leader.explain(e) from e
+            explained = self.tp_leader.explain(e)
+            if explained is e:
+                raise
+            raise explained from e
 
     def _step(self) -> list[RequestOutput]:
         if self._pending is not None and not self._can_continue_async():
