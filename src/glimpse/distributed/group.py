@@ -18,6 +18,10 @@ DEFAULT_TIMEOUT_S = float(os.environ.get("GLIMPSE_TP_TIMEOUT_S", "120"))
 """How long a collective may wait for a peer before it fails (the watchdog usually notices a death first)."""
 
 
+class CollectiveError(RuntimeError):
+    """A collective failed: a peer died or stopped answering (gloo and NCCL raise plain RuntimeErrors)."""
+
+
 @dataclass(frozen=True)
 class TPGroup:
     """Rank `rank` of `size`; `group` is None only at size 1."""
@@ -38,7 +42,10 @@ class TPGroup:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place (row-parallel outputs, the vocabulary-parallel embedding)."""
         if self.size > 1:
-            dist.all_reduce(x, group=self.group)
+            try:
+                dist.all_reduce(x, group=self.group)
+            except RuntimeError as e:
+                raise CollectiveError(f"all_reduce failed: {e}") from e
         return x
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,13 +53,19 @@ class TPGroup:
         if self.size == 1:
             return x
         parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
+        try:
+            dist.all_gather(parts, x.contiguous(), group=self.group)
+        except RuntimeError as e:
+            raise CollectiveError(f"all_gather failed: {e}") from e
         return torch.cat(parts, dim=-1)
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Rank `src`'s `x` on every rank, in place."""
         if self.size > 1:
-            dist.broadcast(x, src=src, group=self.group)
+            try:
+                dist.broadcast(x, src=src, group=self.group)
+            except RuntimeError as e:
+                raise CollectiveError(f"broadcast failed: {e}") from e
         return x
 
     def all_reduce_min(self, value: int, device: torch.device) -> int:
@@ -60,7 +73,10 @@ class TPGroup:
         if self.size == 1:
             return value
         t = torch.tensor([value], dtype=torch.int64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        try:
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        except RuntimeError as e:
+            raise CollectiveError(f"all_reduce(min) failed: {e}") from e
         return int(t.item())
 
 
@@ -99,3 +115,14 @@ def destroy_group(tp: TPGroup) -> None:
             dist.destroy_process_group()
         except Exception:  # a peer already gone: nothing left to tear down cleanly
             pass
+
+
+def abort_group(tp: TPGroup) -> None:
+    """Unblock this rank's collectives after a peer died: NCCL would wait out its timeout (gloo notices a
+    closed socket at once). Best effort, from any thread."""
+    if tp.group is None or not torch.cuda.is_available():
+        return
+    try:
+        tp.group._get_backend(torch.device("cuda")).abort()
+    except Exception:  # not NCCL, or already torn down
+        pass

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from glimpse.distributed.group import CollectiveError
+
 log = logging.getLogger(__name__)
 
 FollowerMain = Callable[[int, int, str, Connection, Any], None]
@@ -53,6 +55,7 @@ class Followers:
         self.on_death: list[Callable[[str], None]] = []
         self._closing = False
         self._lock = threading.Lock()
+        self._lost_event = threading.Event()
         for rank in range(1, size):
             ours, theirs = ctx.Pipe()
             proc = ctx.Process(
@@ -81,6 +84,7 @@ class Followers:
             if self.lost is not None:
                 return
             self.lost = why
+            self._lost_event.set()
         log.critical("%s", why)
         for callback in list(self.on_death):
             try:
@@ -126,21 +130,15 @@ class Followers:
         """A step that failed: WorkerLostError with the watchdog's reason when a follower died (a
         collective fails as its peer's socket closes, a moment before the watchdog may have looked),
         else the error itself."""
-        if self.lost is None and isinstance(error, (RuntimeError, OSError)):
-            self._wait_for_cause(timeout_s=1.0)
+        if self.lost is None and isinstance(error, (CollectiveError, OSError)):
+            self._wait_for_cause()
         return WorkerLostError(f"{self.lost} ({type(error).__name__}: {error})") if self.lost else error
 
-    def _wait_for_cause(self, timeout_s: float = 3.0) -> None:
-        """A failed send or collective is usually a dead follower the watchdog hasn't reported yet: wait
-        up to `timeout_s` for one to have exited."""
-        if self.lost is not None or self._closing:
-            return
-        wait([p.sentinel for p in self.procs], timeout=timeout_s)
-        for rank, proc in enumerate(self.procs, start=1):
-            if not proc.is_alive():
-                proc.join(timeout=1)
-                self._mark_lost(_death_message(rank, proc, self.size))
-                return
+    def _wait_for_cause(self, timeout_s: float = 15.0) -> None:
+        """A failed send or collective is usually a dead follower the watchdog hasn't reported yet: give
+        it up to `timeout_s` to (the watchdog alone reaps the processes, so nothing here races it)."""
+        if self.lost is None and not self._closing:
+            self._lost_event.wait(timeout_s)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Ask every follower to stop, then make sure it has (terminated after `timeout_s`)."""

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from glimpse.distributed.group import TPGroup, destroy_group, init_group
+from glimpse.distributed.group import TPGroup, abort_group, destroy_group, init_group
 from glimpse.distributed.workers import Followers, WorkerLostError, free_tcp_address
 from glimpse.engine.cache import allocate_cache_tensors
 from glimpse.engine.config import DTYPES, EngineConfig
@@ -118,10 +118,17 @@ class TPLeader:
         init_method = free_tcp_address()
         self.followers = Followers(size, follower_main, (cfg, str(model_dir), device.type), init_method)
         try:
+            # each follower says it is about to join: one that failed to start is found here, at once,
+            # instead of after the rendezvous times out
+            self.followers.receive_all(SETUP_TIMEOUT_S)
             self.tp = init_group(0, size, init_method, rank_device(device, 0))
         except Exception as e:
             self.followers.close(timeout_s=1)
-            raise self.followers.explain(e) from e
+            explained = self.followers.explain(e)
+            if explained is e:
+                raise
+            raise explained from e
+        self.followers.on_death.append(lambda why: abort_group(self.tp))
         log.info("tensor parallel: rank 0 of %d here, ranks 1..%d in processes %s", size, size - 1,
                  [p.pid for p in self.followers.procs])  # fmt: skip
 
@@ -168,6 +175,7 @@ def follower_main(rank: int, size: int, init_method: str, pipe: Connection, payl
         torch.set_num_threads(max(1, torch.get_num_threads() // size))
     dtype = cfg.resolve_dtype(device)
     ssm_dtype = DTYPES[cfg.cache.mamba_ssm_cache_dtype]
+    pipe.send("joining")
     tp = init_group(rank, size, init_method, device)
     try:
         model = load_model(Path(model_dir), device, dtype, cfg.quantization, tp=tp)
