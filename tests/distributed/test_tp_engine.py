@@ -20,8 +20,9 @@ from glimpse.model.tiny import make_tiny
 
 TOLERANCE = 1e-4
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
-# Small steps, so a long prompt is prefilled in chunks and several prompts share a step.
-ENGINE = {"max_num_seqs": 4, "max_num_batched_tokens": 48}
+# On the CPU (gloo, float32) whatever the machine has; small steps, so a long prompt is prefilled in
+# chunks and several prompts share a step.
+ENGINE = {"device": "cpu", "max_num_seqs": 4, "max_num_batched_tokens": 48}
 
 LONG = "The chart shows revenue growing every quarter of the year. " * 6  # ~70 tokens: two chunks or more
 IMAGE = Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))
@@ -85,7 +86,7 @@ class TestText:
 
     def test_a_second_split_engine_in_the_process_is_refused(self, text):
         with pytest.raises(RuntimeError, match="already running in this process"):
-            LLM("tiny", tensor_parallel_size=2)
+            LLM("tiny", device="cpu", tensor_parallel_size=2)
 
 
 def frames(n: int) -> list[np.ndarray]:
@@ -142,7 +143,7 @@ def test_four_ranks(tiny4_vl):
 
 def test_a_size_the_model_cannot_take_is_refused():
     with pytest.raises(ValueError, match=r"tensor_parallel_size=4 does not fit this model: n_groups \(2\)"):
-        LLM("tiny", tensor_parallel_size=4)
+        LLM("tiny", device="cpu", tensor_parallel_size=4)
 
 
 def test_a_dead_rank_fails_the_request_with_the_reason():
