@@ -17,16 +17,16 @@ from glimpse.loader import Split, _read
 from glimpse.model.batch import ForwardBatch
 from glimpse.model.loading import check_tensor_parallel_size, load_model, resolve_model_path
 from glimpse.model.parallel import shard_config, tp_refusal
-from glimpse.model.tiny import tiny_text_config
+from glimpse.model.tiny import make_tiny, tiny_text_config
 from tests.distributed.ranks import run_ranks
 
 TOLERANCE = 1e-4
 
 
 @torch.no_grad()
-def three_steps(tp: TPGroup, model_dir: str) -> list[torch.Tensor]:
+def three_steps(tp: TPGroup, model_dir: str, keep_packed: bool = False) -> list[torch.Tensor]:
     """Logits of every token of a packed prefill, of a second chunk on top of it, and of a decode step."""
-    model = load_model(Path(model_dir), "cpu", torch.float32, tp=tp)
+    model = load_model(Path(model_dir), "cpu", torch.float32, tp=tp, keep_packed=keep_packed)
     config = model.llm_config
     cache = allocate_cache_tensors(config, 3, 12, 16, torch.float32, torch.float32, "cpu")
     cache.conv_state.zero_()
@@ -52,6 +52,26 @@ def test_split_model_matches_the_whole_one(tiny4):
         assert g.shape == w.shape
         assert (g - w).abs().max().item() < TOLERANCE
         assert torch.equal(g.argmax(-1), w.argmax(-1))
+
+
+@torch.no_grad()
+def packed_pair(tp: TPGroup, fp8: str, nvfp4: str) -> list[list[torch.Tensor]]:
+    return [three_steps(tp, fp8, keep_packed=True), three_steps(tp, nvfp4, keep_packed=True)]
+
+
+def test_packed_fp8_and_nvfp4_layers_split_with_their_scales(tmp_path_factory):
+    """Quantised layers kept packed (as on GPUs): FP8's per-tensor scales whole on each rank, NVFP4's
+    per-16 scales sliced with their weights (row-parallel: along K, in whole groups)."""
+    fp8 = str(make_tiny(tmp_path_factory.mktemp("fp8"), n_groups=4, quantization="fp8"))
+    nvfp4 = str(make_tiny(tmp_path_factory.mktemp("nvfp4"), n_groups=4, quantization="nvfp4"))
+    want = packed_pair(SINGLE, fp8, nvfp4)
+    share = load_model(Path(nvfp4), "cpu", torch.float32, tp=TPGroup(rank=1, size=2), keep_packed=True)
+    assert type(share.backbone.layers[0].mixer.out_proj).__name__ == "Nvfp4Linear"
+    got = run_ranks(2, packed_pair, fp8, nvfp4)
+    for w_model, g_model in zip(want, got):
+        for w, g in zip(w_model, g_model):
+            assert (g - w).abs().max().item() < TOLERANCE
+            assert torch.equal(g.argmax(-1), w.argmax(-1))
 
 
 def test_each_rank_holds_its_share_only(tiny4):
