@@ -1,13 +1,20 @@
 """An OpenAI-compatible test server that plays back a script: tool calls for requests that offer tools,
-the smallest instance of the schema for requests under `response_format`, and a record of every request."""
+the smallest instance of the schema for requests under `response_format`, and a record of every request.
+Requests with `logprobs: true` get each token of their content with a log-probability from `logprob`
+(the content cut into words, spaces and single punctuation marks; 0.0, certain, unless told)."""
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+TOKEN = re.compile(r"\s+|\w+|[^\w\s]")
+# (request body, the whole content, the token, its character offset) -> the token's log-probability
+Logprob = Callable[[dict, str, str, int], float]
 
 Step = dict[
     str, Any
@@ -51,11 +58,12 @@ class ScriptedServer:
     """Serves on 127.0.0.1 (a free port) until `close()`; `requests` holds every chat request body."""
 
     def __init__(self, script: list[Step] | Callable[[int, dict], Step] | None = None,
-                 structured: Callable[[dict], Any] | None = None) -> None:  # fmt: skip
+                 structured: Callable[[dict], Any] | None = None, logprob: Logprob | None = None) -> None:  # fmt: skip
         self.script = script or []
         self.structured = structured or (
             lambda body: example(body["response_format"]["json_schema"]["schema"])
         )
+        self.logprob = logprob or (lambda body, text, token, at: 0.0)
         self.requests: list[dict[str, Any]] = []
         self.tool_turns = 0
         self._lock = threading.Lock()
@@ -121,10 +129,17 @@ class ScriptedServer:
             message["content"] = json.dumps(self.structured(body))
         else:
             message["content"] = "plain"
+        choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish}
+        if body.get("logprobs") and message["content"]:
+            text, entries = message["content"], []
+            for m in TOKEN.finditer(text):
+                entries.append({"token": m.group(), "logprob": self.logprob(body, text, m.group(), m.start()),
+                                "bytes": list(m.group().encode()), "top_logprobs": []})  # fmt: skip
+            choice["logprobs"] = {"content": entries}
         return {
             "id": f"chatcmpl-{len(self.requests)}", "object": "chat.completion", "created": 0,
             "model": body.get("model", "scripted"),
-            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+            "choices": [choice],
             "usage": {"prompt_tokens": 10, "completion_tokens": tokens, "total_tokens": 10 + tokens},
         }  # fmt: skip
 

@@ -184,13 +184,57 @@ def test_extract_batch_with_a_corrupt_file_and_resume(tiny, documents, tmp_path)
         assert line["error"] is None, line["error"]
         jsonschema.validate(line["data"], DOC_SCHEMA)
         n = DOC_PAGES[line["file"].rsplit("/", 1)[1]]
-        assert set(line["pages"]) == set(line["data"])
+        assert set(line["pages"]) == set(line["data"]) == set(line["confidence"])
         assert all(1 <= p <= n for p in line["pages"].values())
+        assert all(0 < c <= 1 for c in line["confidence"].values())  # the engine's own logprobs
 
     counting = Counting(tiny)
     again = extract([documents[0].parent], DOC_SCHEMA, counting, options)  # a directory: walked, sorted
     assert counting.requests == []  # every finished document came from the cache
     assert [x["data"] for x in again] == [x["data"] for x in lines]
+
+
+class ForcedGroupAnswer(InProcessClient):
+    """The tiny model, made to write `text` as every group's answer (SamplingParams.forced_token_ids):
+    the values are valid, and their log-probabilities are still the random model's own."""
+
+    def __init__(self, base: InProcessClient, text: str) -> None:
+        super().__init__(base.llm, name=base.name)
+        self.text, self.requests = text, []
+
+    def complete(self, requests, on_done=None):
+        self.requests += requests
+        return super().complete(requests, on_done)
+
+    def _params(self, req):
+        params = super()._params(req)
+        if req.json_schema is not None and "Extract the fields" in req.messages[-1]["content"][-1]["text"]:
+            params.forced_token_ids = self.tokenizer.encode(self.text, add_special_tokens=False)
+        return params
+
+
+def test_extract_reasks_uncertain_fields_in_process(tiny, documents):
+    """Valid values the random model is unsure of (its probabilities are tiny) are re-asked once, with
+    the zoom tool and a final answer that asks for logprobs; every field's confidence is in the line."""
+    forced = '{"title": {"value": "Inv", "page": 1}, "count": {"value": 7, "page": 1}, "lines": null}'
+    client = ForcedGroupAnswer(tiny, forced)
+    options = ExtractOptions(max_num_tiles=1, max_tokens=300, cache_dir=None, progress=False,
+                             limits=LoopLimits(max_steps=1, max_tokens_per_step=4))  # fmt: skip
+    (line,) = extract([documents[3]], DOC_SCHEMA, client, options)
+    assert line["error"] is None, line["error"]
+    jsonschema.validate(line, EXTRACT_LINE_SCHEMA)
+    first, *rest = client.requests
+    assert first.logprobs and first.json_schema is not None and not first.tools
+    (step,) = [r for r in rest if r.tools]
+    assert [t["function"]["name"] for t in step.tools] == ["zoom"]
+    prompt = step.messages[1]["content"][-1]["text"]
+    assert (
+        "low confidence" in prompt and "['title', 'count']" in prompt and "missing or invalid" not in prompt
+    )
+    final = rest[-1]
+    assert final.logprobs and set(final.json_schema["properties"]) == {"title", "count"}
+    assert set(line["confidence"]) == set(line["data"]) == {"title", "count"}
+    assert all(0 < c < 0.5 for c in line["confidence"].values())
 
 
 class ForcedToolSteps(InProcessClient):

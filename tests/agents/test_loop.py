@@ -4,11 +4,13 @@ arguments, their results flow back to the model, and the loop stops at its bound
 from __future__ import annotations
 
 import json
+import math
 
 import jsonschema
 import pytest
 
 from glimpse.agents import (
+    EXTRACT_LINE_SCHEMA,
     REPORT_SCHEMA,
     ExtractOptions,
     HTTPClient,
@@ -230,3 +232,79 @@ def test_unusable_schemas_are_refused(bad):
 
     with pytest.raises(SchemaProblem):
         extract([], bad, HTTPClient.__new__(HTTPClient))
+
+
+INVOICE = {"type": "object", "properties": {"title": {"type": "string"}, "total": {"type": "number"}},
+           "required": ["title", "total"]}  # fmt: skip
+
+
+def _total_span(text: str) -> tuple[int, int]:
+    start = text.index('"total": {"value": ') + len('"total": {"value": ')
+    return start, text.index(",", start)
+
+
+@pytest.mark.parametrize("reask_sure", [1.0, 0.1])
+def test_uncertain_fields_are_reasked_through_zoom_and_marked(documents, reask_sure):
+    """The group answers `total` with its digits at probability 0.2 (below the 0.5 default): it is asked
+    again through zoom; the re-ask's value wins when it is surer, else the first value stays. Every field
+    carries its confidence; `title` (certain) is never re-asked."""
+
+    def structured(body):
+        props = body["response_format"]["json_schema"]["schema"]["properties"]
+        if body.get("mm_processor_kwargs") == {"max_num_tiles": 6}:  # a group of pages
+            first = props["total"]["anyOf"][1]["properties"]["page"]["minimum"]
+            return {"title": {"value": "Invoice", "page": first}, "total": {"value": 12.5, "page": first}}
+        assert list(props) == ["total"]  # the re-ask's final answer: only the uncertain field
+        return {"total": {"value": 99.5, "page": 2}}
+
+    def logprob(body, text, token, at):
+        if '"total": {"value": ' not in text:
+            return 0.0
+        start, end = _total_span(text)
+        if not start <= at < end:
+            return 0.0
+        first_answer = body.get("mm_processor_kwargs") == {"max_num_tiles": 6}
+        return math.log(0.2 if first_answer else reask_sure)
+
+    script = [calls(("zoom", {"page": 2, "box": [0.5, 0.7, 1, 1]})), {"content": "read it"}]
+    server = ScriptedServer(script, structured=structured, logprob=logprob)
+    try:
+        options = ExtractOptions(pages_per_request=8, cache_dir=None, progress=False)
+        (line,) = extract([documents[0]], INVOICE, HTTPClient(server.url), options)
+    finally:
+        server.close()
+    assert line["error"] is None, line
+    jsonschema.validate(line, EXTRACT_LINE_SCHEMA)
+    group = [r for r in server.requests if r.get("mm_processor_kwargs") == {"max_num_tiles": 6}]
+    assert len(group) == 1 and group[0]["logprobs"] is True
+    (reask,) = server.tool_requests()[:1]
+    prompt = reask["messages"][1]["content"][-1]["text"]
+    assert "low confidence" in prompt and "['total']" in prompt and "missing or invalid" not in prompt
+    zoom = [r for r in server.requests if r.get("mm_processor_kwargs") == {"max_num_tiles": 12}]
+    assert len(zoom) == 1 and "['total']" in zoom[0]["messages"][1]["content"][1]["text"]
+    final = [r for r in server.requests if r.get("response_format") and not r.get("tools")][-1]
+    assert final["logprobs"] is True
+    if reask_sure == 1.0:
+        assert line["data"] == {"title": "Invoice", "total": 99.5} and line["pages"]["total"] == 2
+        assert line["confidence"] == {"title": 1.0, "total": 1.0}
+    else:  # the re-ask was less sure (0.1) than the first reading (0.2): the first value stays
+        assert line["data"] == {"title": "Invoice", "total": 12.5} and line["pages"]["total"] == 1
+        assert line["confidence"] == {"title": 1.0, "total": 0.2}
+
+
+def test_a_threshold_of_zero_reasks_only_failing_fields(documents):
+    def logprob(body, text, token, at):
+        start, end = _total_span(text)
+        return math.log(0.01) if start <= at < end else 0.0
+
+    def structured(body):
+        return {"title": {"value": "Invoice", "page": 1}, "total": {"value": 7, "page": 1}}
+
+    server = ScriptedServer([], structured=structured, logprob=logprob)
+    try:
+        options = ExtractOptions(pages_per_request=8, cache_dir=None, progress=False, uncertain_below=0.0)
+        (line,) = extract([documents[0]], INVOICE, HTTPClient(server.url), options)
+    finally:
+        server.close()
+    assert server.tool_requests() == [] and line["data"] == {"title": "Invoice", "total": 7}
+    assert line["confidence"] == {"title": 1.0, "total": 0.01}

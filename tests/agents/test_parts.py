@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 
 from glimpse.agents import media
 from glimpse.agents.cache import ResultCache, file_key
+from glimpse.agents.confidence import member_confidences, span_confidence, value_spans
 from glimpse.agents.media import Clip, Thumbnail
 from glimpse.agents.notes import clock, file_times, search
 from glimpse.agents.scenes import cut_segments, scene_changes
@@ -151,3 +153,31 @@ def test_clip_requests_bound_evs_on_short_clips():
         notes_request(clip, 0, 4, max_chars=4, max_items=1, max_tokens=8, pruning_rate=0.7).video_pruning_rate
         == 0.5
     )
+
+
+def test_value_spans_and_confidences():
+    text = '{"a": {"value": "x y", "page": 2}, "b" : null,\n "c": {"value": [1, {"d": 2}], "page": 1}}'
+    spans = value_spans(text)
+    assert text[slice(*spans[("a", "value")])] == '"x y"' and text[slice(*spans[("b",)])] == "null"
+    assert text[slice(*spans[("c", "value")])] == '[1, {"d": 2}]' and ("c", "value", "d") not in spans
+    assert text[slice(*spans[("a",)])] == '{"value": "x y", "page": 2}'
+    with pytest.raises(ValueError):
+        value_spans('{"a": 1} extra')
+    with pytest.raises(ValueError):
+        value_spans('{"a" 1}')
+    tokens = [("ab", math.log(0.9)), ("cd", math.log(0.3)), ("ef", math.log(0.6))]
+    assert span_confidence(tokens, 0, 2) == pytest.approx(0.9)  # one token
+    assert span_confidence(tokens, 1, 5) == pytest.approx(0.3)  # the weakest of three
+    assert span_confidence(tokens, 4, 5) == pytest.approx(0.6) and span_confidence(tokens, 6, 8) is None
+    pieces = ['{"', "a", '": {"', "value", '": "', "x", " y", '", "page": 2}}']
+    probs = [0.99, 0.9, 0.99, 0.99, 0.99, 0.4, 0.7, 0.95]
+    tokens = [(p, math.log(q)) for p, q in zip(pieces, probs)]
+    text = "".join(pieces)
+    got = member_confidences(text, tokens, {"a": ("a", "value"), "z": ("z", "value")})
+    assert got["a"] == pytest.approx(0.4) and got["z"] is None  # '": "' opens the string: 0.99 > 0.4
+    assert member_confidences(text, tokens[:-1], {"a": ("a", "value")}) == {
+        "a": None
+    }  # tokens don't spell it
+    assert member_confidences(text, None, {"a": ("a", "value")}) == {"a": None}
+    reasoned = [("thinking</think>", math.log(0.01)), *tokens]  # a server's logprobs cover its reasoning too
+    assert member_confidences(text, reasoned, {"a": ("a", "value")})["a"] == pytest.approx(0.4)

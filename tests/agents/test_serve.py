@@ -3,10 +3,13 @@ end to end against a scripted server."""
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
+import time
 
+import httpx
 import jsonschema
 import pytest
 
@@ -20,6 +23,7 @@ from glimpse.agents import (
     analyze_video,
     extract,
 )
+from tests.agents.generated import make_video
 from tests.agents.scripted_server import ScriptedServer
 from tests.agents.test_inprocess import DOC_SCHEMA, check_times
 from tests.server.server_process import start_server
@@ -56,7 +60,77 @@ def test_video_and_extract_through_glimpse_serve(server, video_file, documents, 
     assert good["error"] is None, good["error"]
     jsonschema.validate(good["data"], DOC_SCHEMA)
     assert all(1 <= p <= 2 for p in good["pages"].values())
+    assert all(0 < c <= 1 for c in good["confidence"].values())  # the server's logprobs, placed in the text
     assert bad["data"] is None and bad["error"]
+
+
+def _finished(http: httpx.Client, job: dict, timeout: float = 300.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while job["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, f"job {job['id']} still {job['status']} ({job['stage']})"
+        time.sleep(0.5)
+        reply = http.get(f"/v1/glimpse/jobs/{job['id']}")
+        assert reply.status_code == 200, reply.text
+        job = reply.json()
+    return job
+
+
+def test_both_agents_as_jobs_over_plain_http(server, documents, tmp_path):
+    """docs/API.md's job routes on a real `glimpse serve tiny-vl`: a document job (a PDF and a corrupt
+    file) and a video job run to the end, their results valid under their schemas and inside the inputs."""
+    video = make_video(tmp_path / "clip.mp4", seconds=12.0, fps=4, scene_seconds=6.0)
+    http = httpx.Client(base_url=server.url, headers={"Authorization": "Bearer secret"}, timeout=60)
+    try:
+        files = [{"name": p.name, "data": base64.b64encode(p.read_bytes()).decode()} for p in documents[1:3]]
+        options = {"max_num_tiles": 1, "max_tokens": 300, "max_steps": 1, "max_tokens_per_step": 4}
+        started = http.post(
+            "/v1/glimpse/extract", json={"schema": DOC_SCHEMA, "files": files, "options": options}
+        )
+        assert started.status_code == 202, started.text
+        job = started.json()
+        assert (
+            job["object"] == "glimpse.job"
+            and job["kind"] == "extract"
+            and job["status"] in ("queued", "running")
+        )
+        job = _finished(http, job)
+        assert job["status"] == "done" and job["error"] is None and job["progress"]["done"] == 2
+        good, bad = job["result"]["lines"]
+        assert (good["file"], bad["file"]) == (documents[1].name, documents[2].name)
+        for line in (good, bad):
+            jsonschema.validate(line, EXTRACT_LINE_SCHEMA)
+        assert good["error"] is None, good["error"]
+        jsonschema.validate(good["data"], DOC_SCHEMA)
+        assert all(1 <= p <= 2 for p in good["pages"].values())
+        assert bad["data"] is None and "corrupt" in bad["error"]
+        assert http.get(f"/v1/glimpse/jobs/{job['id']}/report.json").status_code == 404  # not a video job
+
+        options = {"question": "What moves?", "summary": True, "chapters": True, "segment_seconds": 6,
+                   "fps": 0.5, "frames_per_segment": 2, "max_chars": 1, "max_items": 0, "notes_max_tokens": 300,
+                   "answer_max_tokens": 300, "max_steps": 1, "max_tokens_per_step": 4}  # fmt: skip
+        started = http.post("/v1/glimpse/video", params={"name": "clip.mp4", "options": json.dumps(options)},
+                            content=video.read_bytes())  # fmt: skip
+        assert started.status_code == 202, started.text
+        job = _finished(http, started.json())
+        assert job["status"] == "done" and job["error"] is None, job
+        report = job["result"]
+        jsonschema.validate(report, REPORT_SCHEMA)
+        assert report["file"] == "clip.mp4" and report["duration"] == pytest.approx(12.0)
+        assert len(report["segments"]) == 2 and all(s["error"] is None for s in report["segments"])
+        ranges = [(s["start"], s["end"]) for s in report["segments"]]
+        ranges += [(c["start"], c["end"]) for c in report["chapters"]]
+        ranges += [(c["start"], c["end"]) for k in ("answer", "summary") for c in report[k]["citations"]]
+        assert all(0 <= a <= b <= 12.0 for a, b in ranges)
+        links = job["links"]
+        assert http.get(links["report_json"]).json() == report
+        html = http.get(links["report_html"])
+        assert html.status_code == 200 and f'src="{links["video"]}"' in html.text
+        assert http.get(links["video"]).content == video.read_bytes()
+        gone = http.delete(f"/v1/glimpse/jobs/{job['id']}")
+        assert gone.status_code == 200 and http.get(f"/v1/glimpse/jobs/{job['id']}").status_code == 404
+        assert httpx.get(f"{server.url}/v1/glimpse/jobs/{job['id']}").status_code == 401  # no key
+    finally:
+        http.close()
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -33,6 +33,9 @@ SMALL = {
     "splitk": LaunchConfig(block_m=16, block_n=32, block_k=32, num_warps=4),
     "tiled": LaunchConfig(block_m=16, block_n=32, block_k=64, num_warps=4),
     "dequant": LaunchConfig(block_m=0, block_n=32, block_k=64, num_warps=4),
+    "rows1": LaunchConfig(block_m=1, block_n=8, block_k=32, num_warps=4),
+    "rows": LaunchConfig(block_m=16, block_n=32, block_k=64, num_warps=4),
+    "dequant_rows": LaunchConfig(block_m=0, block_n=8, block_k=64, num_warps=4),
 }
 
 
@@ -77,6 +80,12 @@ def _run(x, weight, scale, scale_2, **kw):
         (64, 40, 80, "tiled", "tiled", None),
         (3, 40, 80, "tiled", "tiled", None),  # a tiled call with few rows
         (17, 72, 208, "dequant", "dequant", None),
+        (1, 40, 48, "rows", "rows1", 1),  # the row-wise GEMV: ragged K and N tiles
+        (1, 72, 208, "rows", "rows1", 3),  # 7 K steps over 3 splits (atomics)
+        (3, 40, 80, "rows", "rows", 1),  # rows through tl.dot, 13 of 16 masked
+        (17, 72, 208, "rows", "rows", 2),  # two row tiles, two splits
+        (17, 72, 208, "dequant_rows", "dequant_rows", None),
+        (17, 40, 48, "dequant_rows", "dequant_rows", None),  # K shorter than one tile
     ],
 )
 def test_variants_ragged(m, n, k, variant, config, split, dtype):
@@ -86,14 +95,16 @@ def test_variants_ragged(m, n, k, variant, config, split, dtype):
         cfg = LaunchConfig(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, split_k=split)
     out = _run(x, weight, scale, scale_2, variant=variant, config=cfg)
     # dequant rounds the matmul's output, then its product with the global scale
-    _check(out, x, weight, scale, scale_2, roundings=2 if variant == "dequant" else 1)
+    _check(out, x, weight, scale, scale_2, roundings=2 if variant.startswith("dequant") else 1)
 
 
 @pytest.mark.parametrize("m", [1, 3, 17, 64, 65])
 def test_default_dispatch_and_configs(m):
-    """nvfp4_matmul's own choice of variant and tiles (splitk up to 64 rows, then tiled), K = 16·33."""
+    """nvfp4_matmul's own choice of variant and tiles (default_variant), K = 16·33."""
     x, weight, scale, scale_2 = _case(m, 130, 528, torch.bfloat16, seed=m)
-    _check(_run(x, weight, scale, scale_2), x, weight, scale, scale_2)
+    variant = triton_nvfp4.default_variant(m)
+    roundings = 2 if variant.startswith("dequant") else 1
+    _check(_run(x, weight, scale, scale_2), x, weight, scale, scale_2, roundings=roundings)
 
 
 def test_fp16_and_strided_rows():

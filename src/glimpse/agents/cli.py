@@ -36,7 +36,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--concurrency", type=int, default=16, help="requests in flight to the server (default 16)"
     )
-    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: 0)")
+    g.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: 0)"
+    )
     g.add_argument(
         "--cache-dir",
         type=Path,
@@ -144,14 +146,26 @@ def add_extract_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--max-pages", type=int, default=64, help="longer documents are an error (default 64)")
     g.add_argument("--batch-documents", type=int, default=32, help="documents per batch (default 32)")
-    g.add_argument("--no-reask", action="store_true", help="don't ask again when the record fails validation")
+    g.add_argument("--no-reask", action="store_true",
+                   help="don't ask again for fields that are missing, invalid or uncertain")  # fmt: skip
+    g.add_argument("--uncertain-below", type=_probability, default=0.5, metavar="P",
+                   help="re-ask a valid field when the lowest probability of its value's tokens is below P "
+                        "(default 0.5; 0: only missing or invalid fields)")  # fmt: skip
     add_model_args(p)
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
 
 
 def extract_options(args: argparse.Namespace) -> ExtractOptions:
     return ExtractOptions(
         pages_per_request=args.pages_per_request, max_num_tiles=args.max_num_tiles, max_pages=args.max_pages,
-        batch_documents=args.batch_documents, reask=not args.no_reask, temperature=args.temperature,
+        batch_documents=args.batch_documents, reask=not args.no_reask, uncertain_below=args.uncertain_below,
+        temperature=args.temperature,
         tables_dir=args.tables, cache_dir=_cache_dir(args), progress=not args.no_progress,
     )  # fmt: skip
 

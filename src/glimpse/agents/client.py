@@ -16,6 +16,7 @@ Reasoning is off for every request: the agents put `/no_think` in their system m
 
 from __future__ import annotations
 
+import codecs
 import json
 import threading
 from collections.abc import Callable
@@ -45,6 +46,7 @@ class ModelRequest:
     max_num_tiles: int | None = None
     video_pruning_rate: float | None = None
     seed: int | None = None
+    logprobs: bool = False  # ask for each sampled token's log-probability (Completion.token_logprobs)
 
 
 @dataclass
@@ -55,6 +57,9 @@ class Completion:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None  # set when the request failed; the other fields are then empty
+    # With ModelRequest.logprobs: (the text each token added, its log-probability), in order; None when
+    # not asked for or the server sent none.
+    token_logprobs: list[tuple[str, float]] | None = None
 
     def json(self) -> Any:
         """The text as JSON (a schema-constrained answer); ValueError when it isn't."""
@@ -148,17 +153,23 @@ class InProcessClient(ModelClient):
     @staticmethod
     def _params(req: ModelRequest) -> SamplingParams:
         return SamplingParams(
-            max_tokens=req.max_tokens, temperature=req.temperature, seed=req.seed, json_schema=req.json_schema
-        )
+            max_tokens=req.max_tokens, temperature=req.temperature, seed=req.seed, json_schema=req.json_schema,
+            logprobs=0 if req.logprobs else None,
+        )  # fmt: skip
 
     def _completion(self, req: ModelRequest, out: Any) -> Completion:
         c = out.outputs[0]
         text, calls = (c.text, [])
         if req.tools:
             text, calls = parse_tool_calls(c.text)
+        token_logprobs = None
+        if req.logprobs and c.logprobs is not None and c.token_texts is not None:
+            token_logprobs = [(piece, entry[token].logprob)
+                              for piece, entry, token in zip(c.token_texts, c.logprobs, c.token_ids)]  # fmt: skip
         return Completion(
             text=text, tool_calls=calls, finish_reason=c.finish_reason,
             prompt_tokens=len(out.prompt_token_ids), completion_tokens=len(c.token_ids),
+            token_logprobs=token_logprobs,
         )  # fmt: skip
 
     def complete(self, requests: list[ModelRequest], on_done: OnDone | None = None) -> list[Completion]:
@@ -258,6 +269,8 @@ class HTTPClient(ModelClient):
             }
         if req.tools:
             kwargs["tools"], kwargs["tool_choice"] = req.tools, "auto"
+        if req.logprobs:
+            kwargs["logprobs"] = True
         if extra:
             kwargs["extra_body"] = extra
         return kwargs
@@ -273,11 +286,14 @@ class HTTPClient(ModelClient):
             arguments = parse_arguments(call.function.arguments)
             calls.append(ToolCall(call.function.name, arguments if arguments is not None else {}, id=call.id))
         usage = response.usage
+        token_logprobs = None
+        if req.logprobs and choice.logprobs is not None and choice.logprobs.content is not None:
+            token_logprobs = _token_pieces(choice.logprobs.content)
         return Completion(
             text=(choice.message.content or "").strip() if calls else choice.message.content or "",
             tool_calls=calls, finish_reason=choice.finish_reason,
             prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0, token_logprobs=token_logprobs,
         )  # fmt: skip
 
     def complete(self, requests: list[ModelRequest], on_done: OnDone | None = None) -> list[Completion]:
@@ -293,6 +309,14 @@ class HTTPClient(ModelClient):
         finally:  # interrupted (Ctrl-C): drop the requests not yet sent instead of waiting for them
             pool.shutdown(wait=False, cancel_futures=True)
         return [r for r in results if r is not None]
+
+
+def _token_pieces(entries: list[Any]) -> list[tuple[str, float]]:
+    """OpenAI's per-token logprob entries -> (the text each token added, its logprob). A token's `token`
+    is its text decoded alone (U+FFFD for part of a character); its `bytes` decoded in sequence give the
+    characters it completes, so the pieces join to the content exactly."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    return [(decoder.decode(bytes(t.bytes)) if t.bytes is not None else t.token, t.logprob) for t in entries]
 
 
 def make_client(

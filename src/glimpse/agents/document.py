@@ -4,18 +4,24 @@ Each document becomes pages (PDF pages rendered, an image is one page, a multi-f
 frame); pages go to the model `pages_per_request` at a time (4 by default: what the model reads well
 in one request). Under a schema derived from the user's, each group answers every top-level field
 with its value and the page it is on, or null; the groups' answers are merged (the first page that
-has a field wins; lists are joined in page order). The record is validated with `jsonschema`; when it
-fails, the model is asked once more, for the failing fields only, with small views of the pages and a
-`zoom(page, box)` tool that re-reads a region with more tiles. A document that still fails, or cannot
-be read, gets its error in its line; the batch goes on. Documents run in chunks, every request of a
-chunk in one batched call; finished documents are cached, so an interrupted batch resumes.
+has a field wins; lists are joined in page order). Each field's confidence is the lowest probability
+of its value's tokens (the model's own log-probabilities, see confidence.py). The record is validated
+with `jsonschema`; when fields fail, or are valid but less sure than `uncertain_below`, the model is
+asked once more, for those fields only, with small views of the pages and a `zoom(page, box)` tool that
+re-reads a region with more tiles (an uncertain field keeps its first value when the re-ask is even
+less sure). Every line carries `confidence`: field -> that probability, or null when the server sent
+no log-probabilities. A document that still fails, or cannot be read, gets its error in its line; the
+batch goes on. Documents run in chunks, every request of a chunk in one batched call; finished
+documents are cached, so an interrupted batch resumes.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from collections import deque
+import threading
+import time
+from collections import defaultdict, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,11 +34,12 @@ from tqdm import tqdm
 
 from glimpse.agents.cache import ResultCache, default_cache_dir, file_key
 from glimpse.agents.client import Completion, ModelClient, ModelRequest
+from glimpse.agents.confidence import member_confidences
 from glimpse.agents.loop import LoopLimits, Task, Tool, ToolError, ToolPlan, dumps, run_loops
 from glimpse.agents.schemas import decoding_schema
 from glimpse.processing.pdf import render_pdf
 
-EXTRACT_VERSION = 1  # bump when prompts or the derived schemas change: cached results then no longer apply
+EXTRACT_VERSION = 2  # bump when prompts or the derived schemas change: cached results then no longer apply
 PDF_SUFFIXES = {".pdf"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
 SYSTEM = (
@@ -60,6 +67,9 @@ class ExtractOptions:
     batch_pages: int = 256  # pages per batched model call, about (a chunk closes once it has this many)
     prefetch_documents: int = 8  # documents loaded ahead of the model
     reask: bool = True
+    # A valid field is re-asked when its value's confidence (the lowest probability of its tokens, see
+    # confidence.py) is below this; 0 re-asks only missing or invalid fields.
+    uncertain_below: float = 0.5
     limits: LoopLimits = field(default_factory=lambda: LoopLimits(max_steps=3))
     temperature: float = 0.0
     tables_dir: Path | None = None  # write list-of-object fields as CSV here
@@ -72,7 +82,7 @@ class ExtractOptions:
             "max_pages": self.max_pages, "tiles": self.max_num_tiles, "zoom": self.zoom_tiles, "dpi": self.dpi,
             "string": self.max_string, "items": self.max_items, "max_tokens": self.max_tokens,
             "reask": self.reask, "overview": self.overview_pages, "temperature": self.temperature,
-            "steps": self.limits.max_steps,
+            "steps": self.limits.max_steps, "uncertain_below": self.uncertain_below,
         }  # fmt: skip
 
 
@@ -138,6 +148,7 @@ class _Doc:
     line: dict[str, Any] | None = None  # set once the document is done
     record: dict[str, Any] = field(default_factory=dict)
     sources: dict[str, int] = field(default_factory=dict)
+    confidence: dict[str, float | None] = field(default_factory=dict)
 
 
 class ExtractAgent:
@@ -158,6 +169,10 @@ class ExtractAgent:
             for name, prop in schema["properties"].items()
         }
         self.params = o.params(client.name, schema)
+        # Wall seconds per phase (a benchmark reads them): pages_wait (the model waiting for documents to
+        # load), pages_load_threads (reading and rendering, summed over the loading threads), reask.
+        self.timings: defaultdict[str, float] = defaultdict(float)
+        self._timings_lock = threading.Lock()
 
     # ---------------------------------------------------------------------------------------- schemas
     def _object(self, properties: dict[str, Any]) -> dict[str, Any]:
@@ -198,7 +213,7 @@ class ExtractAgent:
         return ModelRequest(
             messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}],
             json_schema=self.group_schema(first, last), max_tokens=o.max_tokens, max_num_tiles=o.max_num_tiles,
-            temperature=o.temperature,
+            temperature=o.temperature, logprobs=True,
         )  # fmt: skip
 
     def _groups(self, doc: _Doc) -> list[tuple[int, int]]:
@@ -206,22 +221,37 @@ class ExtractAgent:
         return [(first, min(n, first + size - 1)) for first in range(1, n + 1, size)]
 
     # ---------------------------------------------------------------------------------------- merging
-    def merge(self, doc: _Doc, answers: list[dict[str, Any] | None], groups: list[tuple[int, int]]) -> None:
+    def merge(
+        self, doc: _Doc, answers: list[dict[str, Any] | None], groups: list[tuple[int, int]],
+        confidences: list[dict[str, float | None]] | None = None,
+    ) -> None:  # fmt: skip
+        """The groups' answers into one record: the first group that has a field gives it (a list field
+        joins every group's items, its confidence the lowest of theirs)."""
+        confidences = confidences or [{} for _ in answers]
         for name in self.fields:
             found = []
-            for answer, (first, last) in zip(answers, groups):
+            for answer, (first, last), sure in zip(answers, groups, confidences):
                 item = (answer or {}).get(name)
                 if isinstance(item, dict) and "value" in item:
                     page = item.get("page")
                     page = page if isinstance(page, int) and first <= page <= last else first
-                    found.append((item["value"], page))
+                    found.append((item["value"], page, sure.get(name)))
             if not found:
                 continue
-            if _is_list(self.schema["properties"][name]) and all(isinstance(v, list) for v, _ in found):
-                doc.record[name] = [x for v, _ in found for x in v]
+            if _is_list(self.schema["properties"][name]) and all(isinstance(v, list) for v, _, _ in found):
+                doc.record[name] = [x for v, _, _ in found for x in v]
+                known = [c for _, _, c in found if c is not None]
+                doc.confidence[name] = min(known) if len(known) == len(found) else None
             else:
                 doc.record[name] = found[0][0]
+                doc.confidence[name] = found[0][2]
             doc.sources[name] = found[0][1]
+
+    def uncertain_fields(self, doc: _Doc, skip: list[str]) -> list[str]:
+        """Fields whose value's confidence is below `uncertain_below` (not those in `skip`)."""
+        bar = self.options.uncertain_below
+        return [name for name in self.fields if name not in skip and
+                (c := doc.confidence.get(name)) is not None and c < bar]  # fmt: skip
 
     def failing_fields(self, record: dict[str, Any]) -> tuple[list[str], list[str]]:
         """(fields to ask again, validation messages)."""
@@ -291,7 +321,13 @@ class ExtractAgent:
         return Tool("zoom", "Re-read a region of a page at high resolution.", {"page": number, "box": box},
                     ["page", "box"], zoom)  # fmt: skip
 
-    def reask_task(self, doc: _Doc, names: list[str], messages: list[str]) -> Task:
+    def reask_task(
+        self, doc: _Doc, names: list[str], messages: list[str], uncertain: list[str] | None = None
+    ) -> Task:
+        """Ask again for `names` (missing or invalid, per `messages`) and `uncertain` (valid, but read
+        with low confidence), with small views of the pages and the zoom tool."""
+        uncertain = uncertain or []
+        asked = [n for n in self.fields if n in set(names) | set(uncertain)]
         o = self.options
         shown = min(len(doc.pages), o.overview_pages)
         content: list[dict[str, Any]] = []
@@ -300,19 +336,27 @@ class ExtractAgent:
                 {"type": "text", "text": f"Page {number}:"},
                 {"type": "image", "image": doc.pages[number - 1]},
             ]
-        problems = "; ".join(messages[:10])
+        problems = []
+        if names:
+            problems.append(f"These fields are missing or invalid: {names} ({'; '.join(messages[:10])}).")
+        if uncertain:
+            where = {n: doc.sources.get(n) for n in uncertain}
+            problems.append(f"These fields were read with low confidence and may be wrong: {uncertain} (from "
+                            f"pages {where}); read them again closely.")  # fmt: skip
         content.append({"type": "text", "text": (
             f"These are pages 1 to {shown} of {len(doc.pages)} of the document {doc.path.name}, shown small. "
-            f"The schema is {self._schema_text()}\nThe extraction so far: {dumps(doc.record)}\nThese fields are "
-            f"missing or invalid: {names} ({problems}). Use zoom(page, box) to read a region of a page at high "
-            "resolution where they may be; box is [left, top, right, bottom] as fractions of the page."
+            f"The schema is {self._schema_text()}\nThe extraction so far: {dumps(doc.record)}\n{' '.join(problems)} "
+            "Use zoom(page, box) to read a region of a page at high resolution where they may be; box is "
+            "[left, top, right, bottom] as fractions of the page."
         )})  # fmt: skip
+        names = asked
         final = self._object({name: self._cited_field(name, 1, len(doc.pages)) for name in names})
         return Task(
             messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}],
             final_instruction=f"Now give the fields {names} as JSON, each with its value and the number of the "
             "page it appears on.",
             final_schema=final, final_max_tokens=o.max_tokens, tools=[self._zoom_tool(doc, names)], max_num_tiles=1,
+            final_logprobs=True,
         )  # fmt: skip
 
     # ---------------------------------------------------------------------------------------- running
@@ -320,6 +364,14 @@ class ExtractAgent:
         doc.line = {"file": str(doc.path), "data": None, "pages": None, "error": message}
 
     def _load(self, doc: _Doc, cache_root) -> None:
+        started = time.monotonic()
+        try:
+            self._load_pages(doc, cache_root)
+        finally:
+            with self._timings_lock:
+                self.timings["pages_load_threads"] += time.monotonic() - started
+
+    def _load_pages(self, doc: _Doc, cache_root) -> None:
         o = self.options
         try:
             doc.key = file_key(doc.path)
@@ -349,37 +401,63 @@ class ExtractAgent:
                 self._error(d, f"the model request failed: {out.error}")
                 continue
             try:
-                answers[d.index].append((out.json(), g))
+                answers[d.index].append((out.json(), g, self._confidences(out)))
             except ValueError as e:
-                answers[d.index].append((None, g))
+                answers[d.index].append((None, g, {}))
                 if out.finish_reason == "length":
                     self._error(d, f"the answer for pages {g[0]}-{g[1]} ran out of tokens ({e})")
         todo = [d for d in todo if d.line is None]
         for d in todo:
             got = answers[d.index]
-            self.merge(d, [a for a, _ in got], [g for _, g in got])
+            self.merge(d, [a for a, _, _ in got], [g for _, g, _ in got], [c for _, _, c in got])
         failing = {d.index: self.failing_fields(d.record) for d in todo}
-        retry = [d for d in todo if failing[d.index][0]] if o.reask else []
+        doubtful = {d.index: self.uncertain_fields(d, failing[d.index][0]) for d in todo}
+        retry = [d for d in todo if failing[d.index][0] or doubtful[d.index]] if o.reask else []
         if retry:
-            tasks = [self.reask_task(d, *failing[d.index]) for d in retry]
+            started = time.monotonic()
+            tasks = [self.reask_task(d, *failing[d.index], doubtful[d.index]) for d in retry]
             for d, result in zip(retry, run_loops(self.client, tasks, [], o.limits, o.temperature)):
-                for name, item in (result.final or {}).items():
-                    if isinstance(item, dict) and "value" in item:
-                        d.record[name] = item["value"]
-                        page = item.get("page")
-                        d.sources[name] = page if isinstance(page, int) and 1 <= page <= len(d.pages) else 1
+                self._take_reasked(d, result, doubtful[d.index])
+            self.timings["reask"] += time.monotonic() - started
         for d in todo:
             names, messages = self.failing_fields(d.record)
             if messages:
                 self._error(d, "the record does not validate under the schema: " + "; ".join(messages[:5]))
                 continue
             pages = {name: d.sources.get(name) for name in self.fields if name in d.record}
-            d.line = {"file": str(d.path), "data": d.record, "pages": pages, "error": None}
+            sure = {name: _rounded(d.confidence.get(name)) for name in self.fields if name in d.record}
+            d.line = {
+                "file": str(d.path),
+                "data": d.record,
+                "pages": pages,
+                "error": None,
+                "confidence": sure,
+            }
             ResultCache(o.cache_dir, "extract", d.key, self.params).put("result", d.line)
             if o.tables_dir is not None:
                 write_tables(d.record, Path(o.tables_dir), f"{d.path.stem}-{d.key[:8]}")
         for d in docs:
             d.pages = []  # free the page images
+
+    def _confidences(self, out: Completion) -> dict[str, float | None]:
+        """Each field's confidence in an answer shaped {field: {"value", "page"} | null}."""
+        return member_confidences(out.text, out.token_logprobs, {n: (n, "value") for n in self.fields})
+
+    def _take_reasked(self, doc: _Doc, result: Any, uncertain: list[str]) -> None:
+        """The re-ask's values into the record. A field that was only uncertain keeps its first value
+        when the re-ask is less sure of its own; a missing or invalid one takes the new value."""
+        final = result.final or {}
+        sure = self._confidences(result.final_completion) if result.final_completion else {}
+        for name, item in final.items():
+            if not (isinstance(item, dict) and "value" in item):
+                continue
+            new, old = sure.get(name), doc.confidence.get(name)
+            if name in uncertain and old is not None and (new is None or new < old):
+                continue
+            doc.record[name] = item["value"]
+            doc.confidence[name] = new
+            page = item.get("page")
+            doc.sources[name] = page if isinstance(page, int) and 1 <= page <= len(doc.pages) else 1
 
     def run(self, inputs: list[str | Path]) -> Iterator[dict[str, Any]]:
         """One line per input file, in input order.
@@ -407,7 +485,9 @@ class ExtractAgent:
             try:
                 while window:
                     doc, loading = window.popleft()
+                    waited = time.monotonic()
                     loading.result()
+                    self.timings["pages_wait"] += time.monotonic() - waited
                     load_next()
                     chunk.append(doc)
                     pages += len(doc.pages)
@@ -419,6 +499,10 @@ class ExtractAgent:
                         chunk, pages = [], 0
             finally:
                 bar.close()
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def write_tables(record: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:

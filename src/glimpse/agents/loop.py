@@ -66,6 +66,7 @@ class Task:
     final_max_tokens: int = 1024
     tools: list[Tool] | None = None  # this task's own tools, instead of those `run_loops` is given
     max_num_tiles: int | None = None  # for images in `messages`
+    final_logprobs: bool = False  # ask for the final answer's token log-probabilities
 
 
 @dataclass
@@ -76,6 +77,7 @@ class LoopResult:
     error: str | None = None
     completion_tokens: int = 0
     prompt_tokens: int = 0
+    final_completion: Completion | None = None  # the last request's completion (its text and logprobs)
 
 
 @dataclass
@@ -87,6 +89,7 @@ class _State:
     error: str | None = None
     tokens: int = 0
     prompt_tokens: int = 0
+    final: Completion | None = None
 
 
 def _call_error(call: ToolCall, tools: dict[str, Tool]) -> str | None:
@@ -177,6 +180,7 @@ def _finish(client: ModelClient, states: list[_State], temperature: float) -> li
             max_tokens=s.task.final_max_tokens,
             temperature=temperature,
             max_num_tiles=s.task.max_num_tiles,
+            logprobs=s.task.final_logprobs,
         )  # fmt: skip
         for s in live
     ]
@@ -184,6 +188,7 @@ def _finish(client: ModelClient, states: list[_State], temperature: float) -> li
     for s, out in zip(live, client.complete(requests) if requests else []):
         s.prompt_tokens += out.prompt_tokens
         s.tokens += out.completion_tokens
+        s.final = out
         try:
             finals[id(s)] = out.json()
         except ValueError as e:
@@ -198,6 +203,7 @@ def _finish(client: ModelClient, states: list[_State], temperature: float) -> li
             error=s.error,
             completion_tokens=s.tokens,
             prompt_tokens=s.prompt_tokens,
+            final_completion=s.final,
         )  # fmt: skip
         for s in states
     ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -108,30 +109,57 @@ def _thumb(frame) -> np.ndarray:
     return frame.to_ndarray(format="rgb24", width=THUMB_WIDTH, height=height)
 
 
+SCAN_PIECE_SECONDS = 300.0  # a long file is scanned in pieces of about this length, in parallel
+SCAN_THREADS = 8
+
+
 def scan_thumbnails(path: str | Path, info: VideoInfo, every: float = 2.0) -> list[Thumbnail]:
     """Small frames about `every` seconds apart, cheaply: keyframes only when they are that dense,
-    else one decoding pass that keeps a frame per `every` seconds."""
-    thumbs = _scan(path, keyframes_only=True, every=every)
+    else one decoding pass that keeps a frame per `every` seconds. A long file is cut into time pieces
+    scanned by threads at once (each seeks to its piece), then joined in order."""
+    thumbs = _scan_pieces(path, info, keyframes_only=True, every=every)
     sparse = len(thumbs) < 2 or (info.duration / len(thumbs)) > 2 * every
-    return _scan(path, keyframes_only=False, every=every) if sparse else thumbs
+    return _scan_pieces(path, info, keyframes_only=False, every=every) if sparse else thumbs
 
 
-def _scan(path: str | Path, keyframes_only: bool, every: float) -> list[Thumbnail]:
+def _scan_pieces(path: str | Path, info: VideoInfo, keyframes_only: bool, every: float) -> list[Thumbnail]:
+    pieces = max(1, min(64, math.ceil(info.duration / SCAN_PIECE_SECONDS)))
+    if pieces == 1:
+        return _scan(path, keyframes_only, every)
+    bounds = [info.duration * k / pieces for k in range(pieces + 1)]
+    bounds[-1] = math.inf
+    with ThreadPoolExecutor(min(SCAN_THREADS, pieces)) as pool:
+        parts = list(
+            pool.map(lambda k: _scan(path, keyframes_only, every, bounds[k], bounds[k + 1]), range(pieces))
+        )
+    return [t for part in parts for t in part]
+
+
+def _scan(
+    path: str | Path, keyframes_only: bool, every: float, lo: float = 0.0, hi: float = math.inf
+) -> list[Thumbnail]:
+    """Thumbnails of the frames at lo <= t < hi (seconds from the start)."""
     container, stream = _open(path)
     if keyframes_only:
         stream.codec_context.skip_frame = "NONKEY"
     start, out = _start_seconds(stream), []
-    next_t = -math.inf
+    next_t = lo
     try:
+        if lo > 0:
+            container.seek(
+                int((lo + start) / stream.time_base), stream=stream, backward=True, any_frame=False
+            )
         for frame in container.decode(stream):
             if frame.time is None:
                 continue
             t = max(0.0, frame.time - start)
+            if t >= hi:
+                break
             if t + 1e-6 >= next_t:
                 out.append(Thumbnail(t, _thumb(frame)))
                 next_t = t + (every / 2 if keyframes_only else every)
     except av.error.FFmpegError as e:
-        if not out:
+        if not out and lo == 0:
             raise VideoReadError(f"{path}: decoding failed ({e})") from None
     finally:
         container.close()

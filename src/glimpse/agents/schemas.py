@@ -222,5 +222,10 @@ EXTRACT_LINE_SCHEMA: dict[str, Any] = {
             "additionalProperties": {"type": ["integer", "null"], "minimum": 1},
         },
         "error": {"type": ["string", "null"]},
+        # each field's confidence: the lowest probability of its value's tokens (null: not known)
+        "confidence": {
+            "type": "object",
+            "additionalProperties": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+        },
     },
 }

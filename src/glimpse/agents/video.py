@@ -15,7 +15,9 @@
 from __future__ import annotations
 
 import base64
+import threading
 import time
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +122,10 @@ class VideoAgent:
         self.usage = _Usage()
         self.client = _Metered(client, self.usage)
         self.options = options or VideoOptions()
+        # Wall seconds per phase of the last run (a benchmark reads them): scan, frames_wait (waiting for
+        # decoded clips), frames_decode_threads (decoding, summed over the threads that overlap the model).
+        self.timings: defaultdict[str, float] = defaultdict(float)
+        self._timings_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------ notes
     def _scan(self, path: Path, info: media.VideoInfo, cache: ResultCache) -> list[float]:
@@ -161,6 +167,8 @@ class VideoAgent:
         return entry
 
     def _notes(self, path: Path, info: media.VideoInfo, segments: list[Segment], cache: ResultCache):
+        """Notes for every segment not cached. The next batch's clips decode in threads while the model
+        works on the current batch, so decoding and the model overlap."""
         o = self.options
         entries: dict[int, dict[str, Any]] = {}
         for seg in segments:
@@ -168,12 +176,17 @@ class VideoAgent:
             if cached is not None:
                 entries[seg.index] = cached
         todo = [s for s in segments if s.index not in entries]
+        batches = [todo[lo : lo + o.batch_segments] for lo in range(0, len(todo), o.batch_segments)]
         bar = tqdm(total=len(segments), initial=len(entries), desc="segments", unit="seg",
                    disable=not o.progress, leave=False)  # fmt: skip
         with ThreadPoolExecutor(4) as pool:
-            for lo in range(0, len(todo), o.batch_segments):
-                batch = todo[lo : lo + o.batch_segments]
-                prepared = list(pool.map(lambda s: self._prepare(path, s), batch))
+            upcoming = [pool.submit(self._prepare, path, s) for s in batches[0]] if batches else []
+            for n, batch in enumerate(batches):
+                waited = time.monotonic()
+                prepared = [f.result() for f in upcoming]
+                self.timings["frames_wait"] += time.monotonic() - waited
+                if n + 1 < len(batches):
+                    upcoming = [pool.submit(self._prepare, path, s) for s in batches[n + 1]]
                 ready = [(k, p) for k, p in enumerate(prepared) if p[1] is not None]
 
                 def finished(i: int, out: Completion, ready=ready, batch=batch, prepared=prepared) -> None:
@@ -194,11 +207,15 @@ class VideoAgent:
         return [entries[s.index] for s in segments]
 
     def _prepare(self, path: Path, seg: Segment):
+        started = time.monotonic()
         try:
             clip, req = self._segment_request(path, seg)
             return clip, req, None
         except media.VideoReadError as e:
             return None, None, str(e)
+        finally:
+            with self._timings_lock:
+                self.timings["frames_decode_threads"] += time.monotonic() - started
 
     # ------------------------------------------------------------------------------------------ tools
     def _tools(
@@ -357,7 +374,9 @@ class VideoAgent:
         path = Path(path)
         info = media.probe(path)
         cache = ResultCache(o.cache_dir, "video", file_key(path), o.notes_params(self.client.name))
+        started = time.monotonic()
         cuts = self._scan(path, info, cache)
+        self.timings["scan"] += time.monotonic() - started
         segments = cut_segments(info.duration, cuts, o.segment_seconds)
         entries = self._notes(path, info, segments, cache)
         thumbnails = {e["index"]: base64.b64decode(e.pop("thumbnail")) for e in entries if "thumbnail" in e}

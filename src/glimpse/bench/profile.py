@@ -78,7 +78,9 @@ def profile_prefill(ctx: BenchContext, length: int) -> str:
         with torch.profiler.profile(activities=acts) as prof:
             wall = time_eager(run_prompt, reps=1, warmup=0, device=ctx.device).seconds
         gpu_ms = _kernel_total_us(prof) / 1e3
-        return f"== prefill {length}: {wall * 1e3:.1f} ms profiled wall; kernels {gpu_ms:.1f} ms\n" + _table(prof, 45)
+        return f"== prefill {length}: {wall * 1e3:.1f} ms profiled wall; kernels {gpu_ms:.1f} ms\n" + _table(
+            prof, 45
+        )
     finally:
         engine.close()
 
@@ -97,18 +99,28 @@ def profile_vision(device: torch.device, batch: int = 64, size: int = 512, varia
     pixels = torch.randn(batch, 3, size, size, device=device, dtype=torch.bfloat16)
     lines = []
     saved = (radio.VIT_ATTENTION, radio.GELU_EPILOGUE)
-    settings = {"default": saved, "native": ("native", False), "gelu": ("native", True), "pad": ("pad", False)}
+    settings = {
+        "default": saved,
+        "native": ("native", False),
+        "gelu": ("native", True),
+        "pad": ("pad", False),
+    }
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION}  # fmt: skip
     for variant in variants.split(","):
         name, _, backend = variant.partition("-")
         radio.VIT_ATTENTION, radio.GELU_EPILOGUE = settings.get(name, saved)
         try:
-            with torch.inference_mode(), sdpa_kernel(backends[backend]) if backend else contextlib.nullcontext():
+            with (
+                torch.inference_mode(),
+                sdpa_kernel(backends[backend]) if backend else contextlib.nullcontext(),
+            ):
                 for _ in range(2):
                     vit(pixels)
                 seconds = time_eager(lambda: vit(pixels), reps=5, device=device).seconds
-            lines.append(f"vision {variant}: {seconds * 1e3:.1f} ms per {batch} tiles, {batch / seconds:.1f} tiles/s")
+            lines.append(
+                f"vision {variant}: {seconds * 1e3:.1f} ms per {batch} tiles, {batch / seconds:.1f} tiles/s"
+            )
         except RuntimeError as e:  # a backend that does not take these shapes
             lines.append(f"vision {variant}: failed ({str(e).splitlines()[0][:120]})")
         print(lines[-1], flush=True)
@@ -160,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill", default="4096", help="comma list of prefill lengths ('' for none)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--gemv", action="store_true", help="time each decode matmul alone (M = 1 and 64)")
-    ap.add_argument("--vision", default="", help="comma list of ViT variants to time: eager,compile,gelu-epilogue")
+    ap.add_argument(
+        "--vision", default="", help="comma list of ViT variants to time: eager,compile,gelu-epilogue"
+    )
     ap.add_argument("--out", type=Path, default=None, help="also write the tables here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from glimpse.bench.agents_bench import add_agents_args
+from glimpse.bench.agents_bench import row_text as agents_row_text
 from glimpse.engine.config import EngineConfig
 from glimpse.settings import add_flags
 
@@ -30,7 +32,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scenarios", default="decode1,decode,prefill,drift",
                    help="comma list of decode1, decode, prefill, drift, hf-reference (language model); vision, "
                         "video-ttft (need a VL model); video-decode, online (run first, before any model is "
-                        "loaded in this process)")  # fmt: skip
+                        "loaded in this process); agents-video, agents-extract (the agents in-process, on "
+                        "their own: see agents_bench.py)")  # fmt: skip
     p.add_argument("--concurrency", type=_ints, default=[16, 64, 256],
                    help="comma list of sequences decoding at once (decode)")  # fmt: skip
     p.add_argument("--ssm-dtypes", default="float32,bfloat16", help="comma list of SSM state dtypes")
@@ -46,6 +49,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default="bench.json", help="where to write the results")
     _add_vision_args(p)
     _add_online_args(p)
+    add_agents_args(p)
 
 
 def _floats(text: str) -> list[float]:
@@ -166,6 +170,8 @@ def _row(r: dict) -> str:
         return (f"decode  {r['sampled_frames']} of {r['total_frames']} frames ({r['duration_s'] / 60:.0f} min "
                 f"{r['height']}p {r['codec']}): {r['glimpse_s'] * 1e3:9.1f} ms; every frame in order "
                 f"{r['baseline_s']:.1f} s{extra}; {r['speedup']:.1f}x")  # fmt: skip
+    if s.startswith("agents_"):
+        return agents_row_text(r)
     if s == "online":
         from glimpse.bench.serving_bench import _row_text
 
@@ -228,7 +234,7 @@ def check_random_weights_fit(name: str, device: torch.device, dtype: torch.dtype
 
 
 def main(args: argparse.Namespace) -> int:
-    from glimpse.bench import floors, llm_bench, vision_bench
+    from glimpse.bench import agents_bench, floors, llm_bench, vision_bench
 
     probe = EngineConfig(model="-", device=args.device, dtype=args.dtype)
     device = probe.resolve_device()
@@ -248,6 +254,12 @@ def main(args: argparse.Namespace) -> int:
     for scenario in [s for s in scenarios if s in NO_MODEL_SCENARIOS]:  # no model in this process yet
         out += run_no_model_scenario(args, scenario)
     scenarios = [s for s in scenarios if s not in NO_MODEL_SCENARIOS]
+    agents = [s for s in scenarios if s in agents_bench.SCENARIOS]  # they build their own engine
+    if agents:
+        results["environment"] |= {"model": args.random_weights or args.model or "tiny-vl",
+                                   "weights": "random" if args.random_weights else "checkpoint"}  # fmt: skip
+        out += agents_bench.run(args, agents, device, dtype, report=_report)
+        scenarios = [s for s in scenarios if s not in agents]
     if scenarios:
         model, tokenizer, path = _load(args, device, dtype, vl=any(s in VL_SCENARIOS for s in scenarios))
         ctx = llm_bench.BenchContext(model, tokenizer, device, dtype, floors.measure_bandwidth(device),

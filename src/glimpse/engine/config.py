@@ -73,6 +73,10 @@ class SchedulerConfig:
         "(scheduling, stop checks, detokenising, streaming) overlaps the GPU (default: on with CUDA graphs)",
     )  # fmt: skip
     enforce_eager: bool = setting(False, help="no CUDA graphs for decode steps")
+    warmup: bool = setting(
+        True, help="on a GPU, run a few synthetic requests of the shapes a server meets before it is ready, "
+        "so that no user's request waits for a kernel to compile",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         check_settings(self)

@@ -10,6 +10,7 @@ import gc
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from glimpse.engine.sampler import SequenceSamplingState, make_generator, needs_
 from glimpse.engine.scheduler import Scheduler
 from glimpse.engine.structured import StructuredOutputCompiler
 from glimpse.engine.vision_encoder import CachedVisionEncoder
+from glimpse.engine.warmup import warm_up
 from glimpse.errors import InvalidRequestError
 from glimpse.inputs import MediaSpan
 from glimpse.model.loading import check_tensor_parallel_size, load_model, resolve_model_path
@@ -54,6 +56,8 @@ class LLMEngine:
         """Load `cfg.model` (a checkpoint), or serve a prebuilt `model` with `tokenizer` (the benchmark's
         full-size random-weight model)."""
         self.cfg = cfg
+        started = time.perf_counter()
+        self.startup_seconds: dict[str, float] = {}  # phase -> seconds, logged once ready
         self.device = cfg.resolve_device()
         self.dtype = cfg.resolve_dtype(self.device)
         self.ssm_dtype = DTYPES[cfg.cache.mamba_ssm_cache_dtype]
@@ -62,13 +66,13 @@ class LLMEngine:
         self.fatal_error: str | None = None  # why the engine cannot go on (a tensor-parallel rank died)
         self.fatal_callbacks: list[Callable[[str], None]] = []
         try:
-            self._start(cfg, model, tokenizer)
+            self._start(cfg, model, tokenizer, started)
         except BaseException:
             if self.tp_leader is not None:
                 self.tp_leader.close()
             raise
 
-    def _start(self, cfg: EngineConfig, model: torch.nn.Module | None, tokenizer) -> None:
+    def _start(self, cfg: EngineConfig, model: torch.nn.Module | None, tokenizer, started: float) -> None:
         tp = SINGLE
         if model is None:
             self.model_dir: Path | None = resolve_model_path(
@@ -90,15 +94,18 @@ class LLMEngine:
             self.model_dir, self.model, self.tokenizer = None, model, tokenizer
             self.eos_token_ids = list(model.llm_config.eos_token_ids)
         self.config: NemotronHConfig = self.model.llm_config  # this rank's share with tensor parallelism
+        self.startup_seconds["load"] = time.perf_counter() - started
 
         use_graphs = self.device.type == "cuda" and not cfg.scheduler.enforce_eager
         if tp.is_parallel:  # each rank captures and replays its own graphs (opt-in: engine/parallel.py)
             use_graphs = graphs_with_tp(cfg, self.device)
         # With CUDA graphs, one extra slot and block (no sequence owns them) absorb the padding rows.
         extra = 1 if use_graphs else 0
+        mark = time.perf_counter()
         self.cache_tensors, slots, blocks, self.max_model_len = plan_caches(
             self.model, cfg, tp, self.device, self.dtype, self.ssm_dtype, extra
         )
+        self.startup_seconds["profile"] = time.perf_counter() - mark
         self.prefix_cache = PrefixCache() if cfg.cache.enable_prefix_caching else None
         self.cache = CacheManager(
             BlockPool(blocks, cfg.cache.block_size), SlotPool(slots), self.prefix_cache, self._copy_state
@@ -117,6 +124,7 @@ class LLMEngine:
             self.model, self.cache_tensors, self.device, self.eos_token_ids, self._default_generator,
             self.vision_encoder, self.tp_leader,
         )  # fmt: skip
+        mark = time.perf_counter()
         if use_graphs:
             self.runner.graphs = DecodeGraphs(
                 self.model, self.cache_tensors, self.device, self.scheduler.max_num_seqs,
@@ -128,6 +136,7 @@ class LLMEngine:
                     CaptureGraphs(graphs.max_batch, graphs.tables.shape[1], slots, blocks)
                 )
             self.runner.graphs.capture()
+        self.startup_seconds["graphs"] = time.perf_counter() - mark
         self.think_ids = think_token_ids(self.tokenizer)
         self.outputs = OutputProcessor(
             self.tokenizer, self.eos_token_ids, self.max_model_len, self.scheduler,
@@ -143,6 +152,10 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
+        if cfg.scheduler.warmup:
+            self.startup_seconds["warmup"] = warm_up(self)
+        self.startup_seconds["total"] = time.perf_counter() - started
+        log.info("engine startup: %s", ", ".join(f"{k} {v:.1f} s" for k, v in self.startup_seconds.items()))
         log.info(
             "engine ready: %s on %s (%s), %d state slots, %d KV blocks of %d, max_model_len %d",
             self.model_dir, self.device, self.dtype, slots, blocks, cfg.cache.block_size, self.max_model_len,
@@ -177,6 +190,13 @@ class LLMEngine:
         self.fatal_error = why
         for callback in list(self.fatal_callbacks):
             callback(why)
+
+    def forget_warmup(self) -> None:
+        """Zero the counters /metrics reads after the warm-up's synthetic requests (engine/warmup.py)."""
+        self.runner.num_forward_tokens = 0
+        self.scheduler.num_preemptions = 0
+        if self.prefix_cache is not None:
+            self.prefix_cache.queries = self.prefix_cache.query_tokens = self.prefix_cache.hit_tokens = 0
 
     def _copy_state(self, src: int, dst: int) -> None:
         """Copy one state slot into another across every Mamba layer (prefix snapshots in and out)."""

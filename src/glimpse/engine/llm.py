@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+import torch
 
 from glimpse.engine.config import EngineConfig
 from glimpse.engine.engine import LLMEngine
-from glimpse.inputs import VisionEncoder
+from glimpse.inputs import MediaPixels, VisionEncoder
 from glimpse.outputs import RequestOutput
 from glimpse.processing.inputs import InputProcessor
 from glimpse.processing.media import MediaPolicy
@@ -37,12 +42,36 @@ def input_processor(engine: LLMEngine, encoder: VisionEncoder | None = None) -> 
     )
 
 
+class _OneAtATime:
+    """The engine's vision encoder for processing threads: one call at a time, as the engine's memory plan
+    and encoder cache assume (EVS encodes a video's frames while its prompt is processed)."""
+
+    def __init__(self, encoder: VisionEncoder) -> None:
+        self._encoder = encoder
+        self._lock = threading.Lock()
+        self.frames_per_encode = encoder.frames_per_encode
+
+    def encode_frames(self, pixels: MediaPixels, start: int, end: int) -> torch.Tensor:
+        with self._lock:
+            return self._encoder.encode_frames(pixels, start, end)
+
+
 class LLM:
     def __init__(self, model: str | os.PathLike[str], **kwargs: Any) -> None:
         """`kwargs`: the flat settings of `EngineConfig` (API.md's `LLM(...)` arguments and their defaults)."""
         self.engine = LLMEngine(EngineConfig.from_kwargs(model, **kwargs))
-        self.processor = input_processor(self.engine)
+        vision = self.engine.vision_encoder
+        self.processor = input_processor(self.engine, _OneAtATime(vision) if vision is not None else None)
         self._ids = itertools.count()
+        # Prompts of one call are processed in parallel (decoding, tiling and resizing media release the
+        # GIL): a batch of document pages was bound by this on one core.
+        self._pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="glimpse-inputs")
+
+    def _process_all(self, items: list, process: Callable[[Any], Any]) -> list:
+        """process(item) for every item, in order; the first error in order is raised, as a loop would."""
+        if len(items) <= 1:
+            return [process(item) for item in items]
+        return list(self._pool.map(process, items))
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -64,7 +93,7 @@ class LLM:
         """One prompt or a list; the result is always a list in the same order."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
-        inputs = [self.processor.from_prompt(p) for p in prompts]
+        inputs = self._process_all(list(prompts), self.processor.from_prompt)
         return self._run(inputs, self._per_prompt(sampling_params, len(inputs)))
 
     def chat(
@@ -81,8 +110,9 @@ class LLM:
     ) -> list[RequestOutput]:
         """One conversation (a list of message dicts) or a list of them; one output per conversation."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        inputs = [
-            self.processor.from_messages(
+        inputs = self._process_all(
+            conversations,
+            lambda conv: self.processor.from_messages(
                 conv,
                 tools=tools,
                 chat_template=chat_template,
@@ -90,9 +120,8 @@ class LLM:
                 mm_processor_kwargs=mm_processor_kwargs,
                 media_io_kwargs=media_io_kwargs,
                 video_pruning_rate=video_pruning_rate,
-            )  # fmt: skip
-            for conv in conversations
-        ]
+            ),
+        )
         return self._run(inputs, self._per_prompt(sampling_params, len(inputs)))
 
     def _run(self, inputs: list, params: list[SamplingParams]) -> list[RequestOutput]:

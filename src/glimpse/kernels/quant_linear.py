@@ -2,8 +2,9 @@
 
 The torch code in each function is the reference (CPU, GLIMPSE_TRITON=0, or shapes the fast path can't
 take); on CUDA, where `use_scaled_mm` / `use_triton` allow:
-- `fp8_linear` runs cuBLASLt's FP8 matmul (`torch._scaled_mm`) on GPUs with FP8 matrix units (sm_89+):
-  the activations are quantised exactly as the reference does, so the two differ only in accumulation.
+- `fp8_linear` runs cuBLASLt's FP8 matmul (`torch._scaled_mm`) on GPUs with FP8 matrix units (sm_89+)
+  after a one-pass Triton quantisation of the activations (kernels/triton_fp8.py), byte for byte the
+  reference's, so the two differ only in accumulation.
 - `nvfp4_linear` runs the Triton W4A16 kernel (kernels/triton_nvfp4.py): bf16/fp16 activations against
   weights dequantised in registers (Hopper has no FP4 matrix units; `input_scale` is not used).
 Formats: `glimpse.kernels.quant_formats`.
@@ -13,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from glimpse.kernels import backend, triton_nvfp4
-from glimpse.kernels.quant_formats import E4M3_MAX, dequantize_fp8, dequantize_nvfp4
+from glimpse.kernels import backend, triton_fp8, triton_nvfp4
+from glimpse.kernels.quant_formats import E4M3_MAX, dequantize_nvfp4, e4m3_to_float
 
 SCALED_MM_DTYPES = (torch.bfloat16, torch.float16)  # the model's activations; fp32 keeps the reference
 
@@ -53,7 +54,10 @@ def fp8_linear(
     device (tensors, not numbers, so that no call syncs with the host)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    xq = quantize_input_fp8(x2, input_scale)
+    if use_scaled_mm(x2, weight) and backend.triton_usable(x2):
+        xq = triton_fp8.quantize_input(x2.contiguous(), input_scale.float())  # bytes as the reference's
+    else:
+        xq = quantize_input_fp8(x2, input_scale)
     if use_scaled_mm(x2, weight):
         y = torch._scaled_mm(
             xq.contiguous(),
@@ -63,7 +67,7 @@ def fp8_linear(
             out_dtype=x.dtype,
         )
     else:
-        w = dequantize_fp8(weight, 1.0)  # the e4m3 values, exact in fp32
+        w = e4m3_to_float(weight)  # the e4m3 values, exact in fp32 (no host scalar: graph capture safe)
         y = ((xq.float() @ w.t()) * (input_scale.float() * weight_scale.float())).to(x.dtype)
     return y.reshape(*shape[:-1], weight.shape[0])
 

@@ -20,18 +20,21 @@ Both decodes are a few integer ops and one bitcast:
   activation dtype. weight_scale_2 · 2^8 multiplies the fp32 accumulator once at the end.
 So the products see the same weights as the fp32 reference and differ from it only in summation order.
 
-Three variants (`nvfp4_matmul` picks by M; each can be forced for tests and tuning):
-- "splitk" (decode, M ≤ DECODE_MAX_ROWS): programs over (N blocks, K splits[, rows]); each reads a
-  contiguous run of K steps of its weight columns once. With one row per program (M == 1) the product is
-  an fp32 multiply-add over a [groups, 8, BLOCK_N] accumulator reduced once at the end (GEMV); with more
-  rows it is a tl.dot on a BLOCK_M (16 to 64) row tile. Several K splits add into an fp32 buffer with atomics
-  (order not fixed, so the last bit may vary between runs), which is then cast to the output dtype.
-- "tiled" (prefill): programs over (N blocks, M blocks); tl.dot on [BLOCK_M, BLOCK_K/2] x [BLOCK_K/2,
-  BLOCK_N] activation-dtype tiles with an fp32 accumulator, written once.
-- "dequant" (a prefill alternative to measure against "tiled"): one Triton pass writes the whole weight
-  as e2m1 · e4m3 · 2^-8 in the activation dtype (exact), cuBLAS multiplies, and the output is scaled by
-  weight_scale_2 · 2^8 in place (two roundings of the output instead of one). At M in the thousands the
-  extra pass over the weight is a few percent of the matmul's time.
+Variants (`nvfp4_matmul` picks by M with `default_variant`; each can be forced for tests and tuning):
+- "rows" (one row: the GEMV): each program reads [BLOCK_N rows, groups, 8 bytes] weight tiles along K
+  (contiguous in memory and in each thread), sums a group's products before its scale multiplies them
+  once, and reduces at the end; K splits (atomics) only where N alone can't fill the GPU. (It has a tl.dot
+  branch for more rows too, slower than split-K's.)
+- "splitk" (2 to DECODE_MAX_ROWS rows): programs over (N blocks, K splits, row tiles); a tl.dot on a
+  BLOCK_M row tile with the weights dequantised as [groups, 8, BLOCK_N]. Several K splits add into an fp32
+  buffer with atomics (order not fixed, so the last bit may vary between runs), then cast.
+- "dequant_rows" (prefill) and "dequant": one Triton pass writes the whole weight as e2m1 · e4m3 · 2^-8
+  in the activation dtype (exact; row-wise with the even and odd elements interleaved in registers, or
+  column-wise), cuBLAS multiplies, and the output is scaled by weight_scale_2 · 2^8 in place (two
+  roundings of the output instead of one).
+- "tiled": programs over (N blocks, M blocks); tl.dot on [BLOCK_M, BLOCK_K/2] x [BLOCK_K/2, BLOCK_N]
+  tiles. Kept to measure against: at 4096 rows it is 12× slower than "dequant_rows" (the nibble reshape).
+How fast each is, and what bounds them, is in docs/PERFORMANCE.md (the H200, 2026-12-03).
 """
 
 from __future__ import annotations
@@ -45,8 +48,16 @@ from glimpse.kernels.backend import HAS_TRITON, tl, triton
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 GROUP = 16
 DECODE_MAX_ROWS = 64
-"""Largest M the default dispatch sends to the split-K variant (beyond: PREFILL_VARIANT)."""
-PREFILL_VARIANT = "tiled"
+PREFILL_VARIANT = "dequant_rows"
+
+
+def default_variant(m: int) -> str:
+    """What `nvfp4_matmul` runs for M rows, by measurement on the H200 (2026-12-03, the 12B model's
+    in_proj): one row the row-wise GEMV (49 µs against split-K's 62), up to DECODE_MAX_ROWS split-K with
+    tl.dot, beyond them PREFILL_VARIANT (dequantise + cuBLAS: 1.75 ms at 4096 rows, tiled 21.6 ms)."""
+    if m == 1:
+        return "rows"
+    return "splitk" if m <= DECODE_MAX_ROWS else PREFILL_VARIANT
 
 
 @dataclass(frozen=True)
@@ -64,10 +75,18 @@ class LaunchConfig:
 def default_config(variant: str, m: int) -> LaunchConfig:
     """Simple starting points, to be tuned on the card (python -m glimpse.bench.kernels.quant_linear)."""
     if variant == "splitk":
-        block_m = 1 if m == 1 else min(64, max(16, triton.next_power_of_2(m)))
-        return LaunchConfig(block_m=block_m, block_n=64, block_k=128, num_warps=4)
+        if m == 1:
+            return LaunchConfig(block_m=1, block_n=64, block_k=128, num_warps=4)
+        return LaunchConfig(block_m=16, block_n=128, block_k=128, num_warps=8)  # best of the sweep at M=64
+    if variant == "rows":
+        if m == 1:
+            return LaunchConfig(block_m=1, block_n=16, block_k=512, num_warps=4)
+        return LaunchConfig(block_m=min(64, max(16, triton.next_power_of_2(m))), block_n=64, block_k=128,
+                            num_warps=4, num_stages=2)  # fmt: skip
     if variant == "dequant":
         return LaunchConfig(block_m=0, block_n=64, block_k=128, num_warps=4)
+    if variant == "dequant_rows":
+        return LaunchConfig(block_m=0, block_n=16, block_k=512, num_warps=4)
     if m <= 64:
         return LaunchConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)
     return LaunchConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
@@ -237,6 +256,113 @@ if HAS_TRITON:
                 tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
     @triton.jit
+    def _nvfp4_rows_kernel(
+        x_ptr,
+        w_ptr,
+        s_ptr,
+        gs_ptr,
+        y_ptr,  # the output (one split) or an fp32 buffer of zeros (several: ATOMIC)
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_wn,
+        stride_sn,
+        stride_ym,
+        steps_per_split,
+        BLOCK_M: tl.constexpr,  # 1: one row per program, multiply-add (GEMV); else tl.dot over BLOCK_M rows
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        ATOMIC: tl.constexpr,
+        PRECISION: tl.constexpr,
+        INTERP: tl.constexpr,
+    ):
+        """Weight tiles read row-wise ([BLOCK_N, groups, 8 bytes], K contiguous in memory and in each
+        thread); one row: the products of a group are summed before its scale multiplies them once."""
+        G: tl.constexpr = BLOCK_K // 16
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        rg = tl.arange(0, G)
+        rj = tl.arange(0, 8)
+        groups = K // 16
+        w_rows = w_ptr + rn.to(tl.int64)[:, None, None] * stride_wn
+        s_rows = s_ptr + rn.to(tl.int64)[:, None] * stride_sn
+        first = pid_k * steps_per_split
+        gs = tl.load(gs_ptr) * 256.0
+        if BLOCK_M == 1:
+            x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+            acc2 = tl.zeros([BLOCK_N, G], dtype=tl.float32)
+            for step in range(first, first + steps_per_split):
+                g = step * G + rg
+                g_ok = g < groups
+                b = tl.load(w_rows + (g * 8)[None, :, None] + rj[None, None, :],
+                            mask=n_ok[:, None, None] & g_ok[None, :, None], other=0).to(tl.uint32)  # fmt: skip
+                s = tl.load(s_rows + g[None, :], mask=n_ok[:, None] & g_ok[None, :], other=0).to(tl.uint32)
+                k_even = (g * 16)[:, None] + 2 * rj[None, :]
+                x_even = tl.load(x_row + k_even, mask=g_ok[:, None], other=0.0).to(tl.float32)
+                x_odd = tl.load(x_row + k_even + 1, mask=g_ok[:, None], other=0.0).to(tl.float32)
+                part = tl.sum(_e2m1_low(b) * x_even[None, :, :] + _e2m1_high(b) * x_odd[None, :, :], axis=2)
+                acc2 += part * _group_factor(s)
+            acc = tl.sum(acc2, axis=1) * gs
+            y_offs = pid_m.to(tl.int64) * stride_ym + rn
+            y_mask = n_ok
+        else:
+            rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_ok = rm < M
+            x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+            rb = tl.arange(0, BLOCK_K // 2)  # byte within the step
+            w_rows2 = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for step in range(first, first + steps_per_split):
+                kb = step * (BLOCK_K // 2) + rb
+                kb_ok = kb < K // 2
+                w_mask = n_ok[:, None] & kb_ok[None, :]
+                b = tl.load(w_rows2 + kb[None, :], mask=w_mask, other=0).to(tl.uint32)
+                s = tl.load(s_rows + (kb // 8)[None, :], mask=w_mask, other=0).to(tl.uint32)
+                factor = _group_factor(s)
+                x_mask = m_ok[:, None] & kb_ok[None, :]
+                x_even = tl.load(x_rows + 2 * kb[None, :], mask=x_mask, other=0.0)
+                x_odd = tl.load(x_rows + 2 * kb[None, :] + 1, mask=x_mask, other=0.0)
+                if INTERP:  # the interpreter's bf16 dots are wrong (see _dot_step): fp32
+                    acc = tl.dot(x_even.to(tl.float32), tl.trans(_e2m1_low(b) * factor), acc,
+                                 input_precision="ieee")  # fmt: skip
+                    acc = tl.dot(x_odd.to(tl.float32), tl.trans(_e2m1_high(b) * factor), acc,
+                                 input_precision="ieee")  # fmt: skip
+                else:
+                    w_even = (_e2m1_low(b) * factor).to(x_even.dtype)
+                    w_odd = (_e2m1_high(b) * factor).to(x_odd.dtype)
+                    acc = tl.dot(x_even, tl.trans(w_even), acc, input_precision=PRECISION)
+                    acc = tl.dot(x_odd, tl.trans(w_odd), acc, input_precision=PRECISION)
+            acc = acc * gs
+            y_offs = rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+            y_mask = m_ok[:, None] & n_ok[None, :]
+        if ATOMIC:
+            tl.atomic_add(y_ptr + y_offs, acc, mask=y_mask)
+        else:
+            tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+    @triton.jit
+    def _nvfp4_dequant_rows_kernel(
+        w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on, BLOCK_N: tl.constexpr, BYTES: tl.constexpr
+    ):  # fmt: skip
+        """out[n, k] = e2m1 · e4m3 · 2^-8 for BLOCK_N rows and BYTES packed bytes of K, read and written
+        along K (the even and odd elements interleaved in registers before one contiguous store)."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        kb = tl.program_id(1) * BYTES + tl.arange(0, BYTES)
+        mask = (rn < N)[:, None] & (kb < K // 2)[None, :]
+        rows = rn.to(tl.int64)[:, None]
+        b = tl.load(w_ptr + rows * stride_wn + kb[None, :], mask=mask, other=0).to(tl.uint32)
+        s = tl.load(s_ptr + rows * stride_sn + (kb // 8)[None, :], mask=mask, other=0).to(tl.uint32)
+        factor = _group_factor(s)
+        pair = tl.interleave(_e2m1_low(b) * factor, _e2m1_high(b) * factor)  # [BLOCK_N, 2·BYTES]
+        k = tl.program_id(1) * (2 * BYTES) + tl.arange(0, 2 * BYTES)
+        out_mask = (rn < N)[:, None] & (k < K)[None, :]
+        tl.store(out_ptr + rows * stride_on + k[None, :], pair.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
     def _nvfp4_dequant_kernel(
         w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on, BLOCK_N: tl.constexpr, G: tl.constexpr
     ):  # fmt: skip
@@ -286,6 +412,18 @@ def _dequantize_exact(weight, scales, dtype, cfg: LaunchConfig) -> torch.Tensor:
     return out
 
 
+def _dequantize_rows(weight, scales, dtype, cfg: LaunchConfig) -> torch.Tensor:
+    n, half_k = weight.shape
+    out = torch.empty(n, 2 * half_k, dtype=dtype, device=weight.device)
+    nbytes = cfg.block_k // 2
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(half_k, nbytes))
+    _nvfp4_dequant_rows_kernel[grid](
+        weight, scales, out, n, 2 * half_k, weight.stride(0), scales.stride(0), out.stride(0),
+        BLOCK_N=cfg.block_n, BYTES=nbytes, num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return out
+
+
 def dequantize_exact(
     weight: torch.Tensor, weight_scale: torch.Tensor, dtype: torch.dtype, config: LaunchConfig | None = None
 ) -> torch.Tensor:
@@ -313,7 +451,7 @@ def nvfp4_matmul(
     `variant` "splitk", "tiled" or "dequant" (None: splitk for M ≤ DECODE_MAX_ROWS, else PREFILL_VARIANT);
     `config` overrides the tiles."""
     m, n, k = _check(x, weight, weight_scale)
-    variant = variant or ("splitk" if m <= DECODE_MAX_ROWS else PREFILL_VARIANT)
+    variant = variant or default_variant(m)
     cfg = config or default_config(variant, m)
     if cfg.block_k % 32 or cfg.block_k & (cfg.block_k - 1):
         raise ValueError(f"block_k {cfg.block_k} must be a power of two and a multiple of 32")
@@ -330,8 +468,8 @@ def nvfp4_matmul(
     if k == 0:
         return y.zero_()
     n_blocks = triton.cdiv(n, cfg.block_n)
-    if variant == "dequant":
-        w = _dequantize_exact(weight, scales, x.dtype, cfg)
+    if variant in ("dequant", "dequant_rows"):
+        w = (_dequantize_exact if variant == "dequant" else _dequantize_rows)(weight, scales, x.dtype, cfg)
         return torch.matmul(x, w.t(), out=y).mul_(gs * 256.0)
     if variant == "tiled":
         grid = (n_blocks, triton.cdiv(m, cfg.block_m))
@@ -342,14 +480,23 @@ def nvfp4_matmul(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         return y
-    if variant != "splitk":
+    if variant not in ("splitk", "rows"):
         raise ValueError(f"unknown variant {variant!r}")
     m_programs = m if cfg.block_m == 1 else triton.cdiv(m, cfg.block_m)
     steps = triton.cdiv(k, cfg.block_k)
-    split = cfg.split_k or max(1, 4 * _multiprocessors(x.device) // (n_blocks * m_programs))
+    fill = (4 if variant == "splitk" else 2) * _multiprocessors(x.device)
+    split = cfg.split_k or max(1, fill // (n_blocks * m_programs))
     steps_per_split = triton.cdiv(steps, min(split, steps))
     split = triton.cdiv(steps, steps_per_split)  # no empty splits
     out = y if split == 1 else torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    if variant == "rows":
+        _nvfp4_rows_kernel[(n_blocks, split, m_programs)](
+            x, weight, scales, gs, out, m, n, k,
+            x.stride(0), weight.stride(0), scales.stride(0), out.stride(0), steps_per_split,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ATOMIC=split > 1,
+            PRECISION=precision, INTERP=interp, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        return y if split == 1 else y.copy_(out)
     _nvfp4_splitk_kernel[(n_blocks, split, m_programs)](
         x, weight, scales, gs, out, m, n, k,
         x.stride(0), weight.stride(0), scales.stride(0), out.stride(0), steps_per_split,

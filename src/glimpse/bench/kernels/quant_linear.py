@@ -24,7 +24,7 @@ import json
 import torch
 
 from glimpse.bench.timing import sets_over_l2, time_graph
-from glimpse.kernels import backend, triton_nvfp4
+from glimpse.kernels import backend, triton_fp8, triton_nvfp4
 from glimpse.kernels.quant_formats import dequantize_fp8, dequantize_nvfp4, quantize_fp8, quantize_nvfp4
 from glimpse.kernels.quant_linear import fp8_linear, quantize_input_fp8
 from glimpse.kernels.triton_nvfp4 import LaunchConfig
@@ -48,6 +48,19 @@ SWEEP = {
         LaunchConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=w)
         for bm in (1, 16)
         for bn, bk, w in ((32, 128, 4), (64, 128, 4), (64, 256, 4), (128, 128, 8), (64, 256, 8))
+    ],
+    "rows": [
+        LaunchConfig(block_m=1, block_n=bn, block_k=bk, num_warps=w)
+        for bn, bk, w in ((8, 256, 4), (16, 512, 4), (32, 256, 4), (16, 256, 8), (32, 512, 8), (64, 128, 4))
+    ]
+    + [
+        LaunchConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
+        for bm in (16, 64)
+        for bn, bk, w, st in ((32, 128, 4, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 256, 4, 2))
+    ],
+    "dequant_rows": [
+        LaunchConfig(block_m=0, block_n=bn, block_k=bk, num_warps=w)
+        for bn, bk, w in ((8, 512, 4), (32, 256, 4), (64, 128, 4), (16, 1024, 8), (64, 512, 8), (128, 256, 8))
     ],
     "tiled": [
         LaunchConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=s)
@@ -123,6 +136,9 @@ def bench_layer(layer: str, m: int, sweep: bool = False, seed: int = 0) -> list[
     err = _error(fp8_linear(x, weight, s_w, s_in), ref)
     ms = _time_ms([lambda s=s: fp8_linear(x, s[0], s[1], s_in) for s in sets])
     rows.append(_row(layer, m, k, n, "fp8_linear", ms, n * k, err))
+    err = _error(quantize_input_fp8(x, s_in).float(), triton_fp8.quantize_input(x, s_in).float())
+    ms = _time_ms([lambda: triton_fp8.quantize_input(x, s_in)])
+    rows.append(_row(layer, m, k, n, "fp8_quantize_input", ms, 3 * m * k, err))
     del sets, weight
 
     # NVFP4 (W4A16)
@@ -133,7 +149,11 @@ def bench_layer(layer: str, m: int, sweep: bool = False, seed: int = 0) -> list[
     for variant in nvfp4_variants(m):
         configs = [None]
         if sweep and variant in SWEEP:
-            configs += [c for c in SWEEP[variant] if variant == "tiled" or (c.block_m == 1) == (m == 1)]
+            configs += [
+                c
+                for c in SWEEP[variant]
+                if variant in ("tiled", "dequant_rows") or (c.block_m == 1) == (m == 1)
+            ]
         for cfg in configs:
 
             def call(s, variant=variant, cfg=cfg):
@@ -147,11 +167,11 @@ def bench_layer(layer: str, m: int, sweep: bool = False, seed: int = 0) -> list[
 
 
 def nvfp4_variants(m: int) -> list[str]:
-    """The kernel variants worth timing at M rows: split-K up to DECODE_MAX_ROWS, tiled from 16 rows on,
-    dequantise + cuBLAS beyond DECODE_MAX_ROWS."""
-    variants = ["splitk"] if m <= triton_nvfp4.DECODE_MAX_ROWS else []
+    """The kernel variants worth timing at M rows: split-K and rows up to DECODE_MAX_ROWS, tiled from 16
+    rows on, the two dequantise + cuBLAS variants beyond DECODE_MAX_ROWS."""
+    variants = ["splitk", "rows"] if m <= triton_nvfp4.DECODE_MAX_ROWS else []
     variants += ["tiled"] if m >= 16 else []
-    variants += ["dequant"] if m > triton_nvfp4.DECODE_MAX_ROWS else []
+    variants += ["dequant", "dequant_rows"] if m > triton_nvfp4.DECODE_MAX_ROWS else []
     return variants
 
 
