@@ -25,7 +25,7 @@ LLM_DEFAULTS = dict(
     dtype="auto", device="auto", max_model_len=None, max_num_batched_tokens=8192, max_num_seqs=256,
     enable_prefix_caching=True, mamba_ssm_cache_dtype="float32", gpu_memory_utilization=0.9,
     cache_memory_bytes=None, video_pruning_rate=0.0, allowed_local_media_path=None,
-    allow_private_media_urls=True, seed=0,
+    allow_private_media_urls=True, seed=0, tensor_parallel_size=1,
 )  # fmt: skip
 
 # Every engine flag the commands had before they were generated, with its default.
@@ -33,7 +33,7 @@ ENGINE_FLAGS = {
     "--dtype": "auto", "--device": "auto", "--max-model-len": None, "--max-num-seqs": 256,
     "--max-num-batched-tokens": 8192, "--mamba-ssm-cache-dtype": "float32", "--gpu-memory-utilization": 0.9,
     "--video-pruning-rate": 0.0, "--seed": 0, "--enforce-eager": False, "--async-scheduling": None,
-    "--enable-prefix-caching": True,
+    "--enable-prefix-caching": True, "--tensor-parallel-size": 1,
 }  # fmt: skip
 SERVE_FLAGS = {
     "--host": "127.0.0.1", "--port": 8000, "--served-model-name": None, "--api-key": None,

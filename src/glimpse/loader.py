@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import struct
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -98,10 +100,50 @@ def _check_not_truncated(path: Path) -> None:
             )
 
 
+@dataclass(frozen=True)
+class Split:
+    """The part of a tensor one tensor-parallel rank reads: along `dim`, the concatenation of `pieces`
+    (start, length), given in units of a dimension `full` long. A packed tensor stored shorter along
+    `dim` (NVFP4: two codes a byte, one scale per 16) is read in its own units, which must not cut one
+    of its elements. `zero`: this rank holds zeros of its shape instead (a bias added by rank 0 only)."""
+
+    dim: int
+    pieces: tuple[tuple[int, int], ...]
+    full: int
+    zero: bool = False
+
+
+def _read(f, name: str, split: Split | None, ckpt_name: str) -> torch.Tensor:
+    """Tensor `name` of an open shard, or only `split`'s part of it (read piece by piece from the file)."""
+    if split is None:
+        return f.get_tensor(name)
+    handle = f.get_slice(name)
+    shape = tuple(handle.get_shape())
+    if len(shape) <= split.dim or math.prod(shape) == 1:  # a per-tensor scale: every rank reads it whole
+        return f.get_tensor(name)
+    stored = shape[split.dim]
+    if split.full % stored:
+        raise CheckpointError(f"tensor {ckpt_name!r} has {stored} entries along dim {split.dim}, not a divisor "
+                              f"of the {split.full} the model splits")  # fmt: skip
+    per = split.full // stored  # model units per stored entry (1, or 2 / 16 for NVFP4 codes / scales)
+    parts = []
+    for start, length in split.pieces:
+        if start % per or length % per:
+            raise CheckpointError(
+                f"tensor {ckpt_name!r}: this tensor-parallel split ({start}..{start + length} of {split.full}) "
+                f"would cut one of its entries, which cover {per} each (an NVFP4 scale group); choose a "
+                f"tensor_parallel_size that keeps the split on a multiple of {per}"
+            )
+        index = (slice(None),) * split.dim + (slice(start // per, (start + length) // per),)
+        parts.append(handle[index])
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=split.dim)
+
+
 def iter_tensors(
     files: list[Path], device: torch.device | str
-) -> Iterator[tuple[str, Callable[[], torch.Tensor], tuple]]:
-    """(name, load-function, shape) for every tensor, shard by shard; loading reads only that tensor."""
+) -> Iterator[tuple[str, Callable[..., torch.Tensor], tuple]]:
+    """(name, load-function, shape) for every tensor, shard by shard; loading reads only that tensor,
+    or only the part a `Split` passed to the load-function names."""
     from safetensors import safe_open
 
     for path in files:
@@ -113,7 +155,7 @@ def iter_tensors(
         with handle as f:
             for name in f.keys():
                 shape = tuple(f.get_slice(name).get_shape())
-                yield name, (lambda f=f, name=name: f.get_tensor(name)), shape
+                yield name, (lambda split=None, f=f, name=name: _read(f, name, split, name)), shape
 
 
 def _header(path: Path) -> dict[str, dict]:
@@ -136,12 +178,14 @@ def tensor_locations(files: list[Path]) -> dict[str, Path]:
     return {name: path for path in files for name in _header(path)}
 
 
-def read_tensor(path: Path, name: str, device: torch.device | str) -> torch.Tensor:
-    """One tensor of one shard, read straight to `device`."""
+def read_tensor(
+    path: Path, name: str, device: torch.device | str, split: Split | None = None
+) -> torch.Tensor:
+    """One tensor of one shard (or `split`'s part of it), read straight to `device`."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt", device=str(device)) as f:
-        return f.get_tensor(name)
+        return _read(f, name, split, name)
 
 
 def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -172,9 +216,11 @@ def load_weights(
     device: torch.device | str,
     dtype: torch.dtype,
     dequantize: Dequantize | None = None,
+    splits: Mapping[str, Split] | None = None,
 ) -> set[str]:
     """Fill `module` (built on the meta device) from the shards. `map_name` turns a checkpoint name into
     the module's name, or None for tensors we knowingly don't use. Errors name every offending tensor.
+    `splits` (tensor parallelism) names, by our names, the tensors of which only a part is read.
 
     Quantised checkpoints: a tensor whose place in `module` has a packed dtype (a quantised layer's
     weight) or is a quantisation scale loads as stored; a packed weight whose place is full precision is
@@ -187,13 +233,15 @@ def load_weights(
     unexpected: list[str] = []
     locations: dict[str, Path] | None = None
 
-    def read_beside(ckpt_name: str, leaf: str) -> torch.Tensor:
+    splits = splits or {}
+
+    def read_beside(ckpt_name: str, leaf: str, split: Split | None) -> torch.Tensor:
         nonlocal locations
         locations = locations if locations is not None else tensor_locations(files)
         name = ckpt_name.rsplit(".", 1)[0] + "." + leaf
         if name not in locations:
             raise CheckpointError(f"quantised tensor {ckpt_name!r} has no {name} beside it")
-        return read_tensor(locations[name], name, device)
+        return read_tensor(locations[name], name, device, split)  # the weight's part, in the scale's units
 
     for ckpt_name, load, shape in iter_tensors(files, device):
         name = map_name(ckpt_name)
@@ -205,7 +253,12 @@ def load_weights(
             continue
         target = expected[name]
         want_dtype = _target_dtype(name, target, dtype)
-        tensor = load()
+        split = splits.get(name)
+        if split is not None and split.zero:
+            _set_tensor(module, name, torch.zeros(target.shape, dtype=want_dtype, device=device))
+            loaded.add(name)
+            continue
+        tensor = load(split)
         if tensor.is_floating_point() and tensor.element_size() == 1 and tensor.dtype not in PACKED_DTYPES:
             raise CheckpointError(f"tensor {ckpt_name!r} is {tensor.dtype}: not a format Glimpse reads")
         if tensor.dtype in PACKED_DTYPES and want_dtype != tensor.dtype:
@@ -219,7 +272,9 @@ def load_weights(
                     f"(hf_quant_config.json or config.json's quantization_config)"
                 )
             try:
-                tensor = dequantize(ckpt_name, tensor, lambda leaf, n=ckpt_name: read_beside(n, leaf))
+                tensor = dequantize(
+                    ckpt_name, tensor, lambda leaf, n=ckpt_name, s=split: read_beside(n, leaf, s)
+                )
             except ValueError as e:  # scales whose shape disagrees with the weight
                 raise CheckpointError(f"cannot dequantise {ckpt_name!r}: {e}") from None
             dequantized.add(name)

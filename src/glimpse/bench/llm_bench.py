@@ -9,6 +9,7 @@ random tokens, so no cache can serve it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,12 +32,21 @@ class BenchContext:
     bandwidth: float  # bytes/s, read + write
     matmul_rate: float  # FLOP/s
     seed: int = 0
+    model_dir: Path | None = None  # the checkpoint, when the model came from one
+    tensor_parallel_size: int = 1  # >1: each engine loads its own split copy of the checkpoint
 
 
 def _engine(ctx: BenchContext, **kw) -> LLMEngine:
-    cfg = EngineConfig.from_kwargs("<bench>", device=str(ctx.device), dtype=str(ctx.dtype).removeprefix("torch."),
-                                   enable_prefix_caching=False, seed=ctx.seed, **kw)  # fmt: skip
-    return LLMEngine(cfg, model=ctx.model, tokenizer=ctx.tokenizer)
+    settings = dict(device=str(ctx.device), dtype=str(ctx.dtype).removeprefix("torch."), enable_prefix_caching=False,
+                    seed=ctx.seed, **kw)  # fmt: skip
+    if ctx.tensor_parallel_size > 1:  # the engine splits the checkpoint across its ranks itself
+        cfg = EngineConfig.from_kwargs(
+            ctx.model_dir, tensor_parallel_size=ctx.tensor_parallel_size, **settings
+        )
+        return LLMEngine(cfg)
+    return LLMEngine(
+        EngineConfig.from_kwargs("<bench>", **settings), model=ctx.model, tokenizer=ctx.tokenizer
+    )
 
 
 def _release(engine: LLMEngine) -> None:

@@ -45,7 +45,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default=None, choices=["fp8", "nvfp4"],
                    help="with --random-weights: the language model's linears quantised as NVIDIA's published "
                         "FP8 / NVFP4 checkpoints hold them (a checkpoint given by --model says its own)")  # fmt: skip
-    add_flags(p, EngineConfig, only=("device", "dtype"))
+    add_flags(p, EngineConfig, only=("device", "dtype", "tensor_parallel_size"))
     p.add_argument("--json", default="bench.json", help="where to write the results")
     _add_vision_args(p)
     _add_online_args(p)
@@ -132,12 +132,16 @@ def _load(args, device: torch.device, dtype: torch.dtype, vl: bool = False):
 
     if args.random_weights:
         tokenizer = bench_tokenizer() if is_vl_preset(args.random_weights) else None
-        return random_model(args.random_weights, device, dtype, quantization=args.quantization), tokenizer
+        return (
+            random_model(args.random_weights, device, dtype, quantization=args.quantization),
+            tokenizer,
+            None,
+        )
     from glimpse.model.loading import load_model, resolve_model_path
     from glimpse.processing.tokenizer import load_tokenizer
 
     path = resolve_model_path(args.model or ("tiny-vl" if vl else "tiny"))
-    return load_model(path, device, dtype), load_tokenizer(path)
+    return load_model(path, device, dtype), load_tokenizer(path), path
 
 
 def _row(r: dict) -> str:
@@ -237,6 +241,10 @@ def main(args: argparse.Namespace) -> int:
     dtype = probe.resolve_dtype(device)
     if args.random_weights:
         check_random_weights_fit(args.random_weights, device, dtype)
+        if args.tensor_parallel_size > 1:
+            raise ValueError(
+                "--tensor-parallel-size needs a checkpoint (--model) to split, not --random-weights"
+            )
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     results: dict = {"environment": _environment(device), "results": []}
     if "hf-reference" in scenarios:
@@ -253,12 +261,14 @@ def main(args: argparse.Namespace) -> int:
         out += agents_bench.run(args, agents, device, dtype, report=_report)
         scenarios = [s for s in scenarios if s not in agents]
     if scenarios:
-        model, tokenizer = _load(args, device, dtype, vl=any(s in VL_SCENARIOS for s in scenarios))
+        model, tokenizer, path = _load(args, device, dtype, vl=any(s in VL_SCENARIOS for s in scenarios))
         ctx = llm_bench.BenchContext(model, tokenizer, device, dtype, floors.measure_bandwidth(device),
-                                     floors.measure_matmul_rate(device))  # fmt: skip
+                                     floors.measure_matmul_rate(device), model_dir=path,
+                                     tensor_parallel_size=args.tensor_parallel_size)  # fmt: skip
         results["environment"] |= {"bandwidth_GBps": ctx.bandwidth / 1e9, "matmul_TFLOPs": ctx.matmul_rate / 1e12,
                                    "model": args.random_weights or args.model or "tiny",
-                                   "weights": "random" if args.random_weights else "checkpoint"}  # fmt: skip
+                                   "weights": "random" if args.random_weights else "checkpoint",
+                                   "tensor_parallel_size": args.tensor_parallel_size}  # fmt: skip
         ssm_dtypes = [d for d in args.ssm_dtypes.split(",") if d]
         for scenario in scenarios:
             if scenario == "decode1":

@@ -137,6 +137,10 @@ class EngineConfig:
         rule=POSITIVE,
     )  # fmt: skip
     seed: int = setting(0, help="random seed: sampling without a seed of its own is reproducible from it")
+    tensor_parallel_size: int = setting(
+        1, help="split the model across this many GPUs of this host (or CPU processes), one process each",
+        rule=POSITIVE,
+    )  # fmt: skip
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     media: MediaConfig = field(default_factory=MediaConfig)

@@ -11,18 +11,27 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from glimpse.config import NemotronHConfig
-from glimpse.engine.cache import BlockPool, CacheManager, SlotPool, allocate_cache_tensors
+from glimpse.distributed.group import SINGLE
+from glimpse.engine.cache import (
+    BlockPool,
+    CacheManager,
+    SlotPool,
+    kv_bytes_per_token,
+    state_bytes_per_sequence,
+)
 from glimpse.engine.config import DTYPES, EngineConfig
 from glimpse.engine.cuda_graphs import DecodeGraphs
 from glimpse.engine.detokenizer import IncrementalDetokenizer
-from glimpse.engine.memory import cache_budget, plan_memory, prefix_cache_bytes
+from glimpse.engine.memory import prefix_cache_bytes
 from glimpse.engine.output_processor import OutputProcessor
+from glimpse.engine.parallel import CaptureGraphs, TPLeader, graphs_with_tp, plan_caches, rank_device
 from glimpse.engine.prefix_cache import PrefixCache, prompt_block_hashes, snapshot_points
 from glimpse.engine.request import PENDING_TOKEN, Request, Sequence
 from glimpse.engine.runner import ModelRunner, PendingStep
@@ -33,7 +42,7 @@ from glimpse.engine.vision_encoder import CachedVisionEncoder
 from glimpse.engine.warmup import warm_up
 from glimpse.errors import InvalidRequestError
 from glimpse.inputs import MediaSpan
-from glimpse.model.loading import load_model, resolve_model_path
+from glimpse.model.loading import check_tensor_parallel_size, load_model, resolve_model_path
 from glimpse.outputs import RequestOutput
 from glimpse.processing.reasoning import prompt_ends_in_reasoning, think_token_ids
 from glimpse.processing.tokenizer import end_of_sequence_ids, load_tokenizer
@@ -53,6 +62,18 @@ class LLMEngine:
         self.dtype = cfg.resolve_dtype(self.device)
         self.ssm_dtype = DTYPES[cfg.cache.mamba_ssm_cache_dtype]
         torch.manual_seed(cfg.seed)
+        self.tp_leader: TPLeader | None = None  # the follower ranks, with tensor parallelism
+        self.fatal_error: str | None = None  # why the engine cannot go on (a tensor-parallel rank died)
+        self.fatal_callbacks: list[Callable[[str], None]] = []
+        try:
+            self._start(cfg, model, tokenizer, started)
+        except BaseException:
+            if self.tp_leader is not None:
+                self.tp_leader.close()
+            raise
+
+    def _start(self, cfg: EngineConfig, model: torch.nn.Module | None, tokenizer, started: float) -> None:
+        tp = SINGLE
         if model is None:
             self.model_dir: Path | None = resolve_model_path(
                 cfg.model, revision=cfg.revision, download_dir=cfg.download_dir
@@ -62,25 +83,29 @@ class LLMEngine:
             if cfg.tokenizer:
                 tokenizer_dir = resolve_model_path(cfg.tokenizer, download_dir=cfg.download_dir)
             self.tokenizer = load_tokenizer(tokenizer_dir, cfg.chat_template)
-            self.model = load_model(self.model_dir, self.device, self.dtype, cfg.quantization)
+            if cfg.tensor_parallel_size > 1:
+                tp = self._start_tensor_parallel(cfg)
+            self.model = load_model(self.model_dir, self.device, self.dtype, cfg.quantization, tp=tp)
             config_eos = self.model.llm_config.eos_token_ids
             self.eos_token_ids = end_of_sequence_ids(self.model_dir, self.tokenizer, config_eos)
         else:
+            if cfg.tensor_parallel_size > 1:
+                raise ValueError("a prebuilt model cannot be split: tensor_parallel_size must be 1")
             self.model_dir, self.model, self.tokenizer = None, model, tokenizer
             self.eos_token_ids = list(model.llm_config.eos_token_ids)
-        self.config: NemotronHConfig = self.model.llm_config
+        self.config: NemotronHConfig = self.model.llm_config  # this rank's share with tensor parallelism
         self.startup_seconds["load"] = time.perf_counter() - started
 
-        mark = time.perf_counter()
-        budget = cache_budget(self.model, cfg, self.device, self.dtype, self.ssm_dtype)
-        self.startup_seconds["profile"] = time.perf_counter() - mark
-        slots, blocks, self.max_model_len = plan_memory(self.config, cfg, budget, self.dtype, self.ssm_dtype)
         use_graphs = self.device.type == "cuda" and not cfg.scheduler.enforce_eager
+        if tp.is_parallel:  # each rank captures and replays its own graphs (opt-in: engine/parallel.py)
+            use_graphs = graphs_with_tp(cfg, self.device)
         # With CUDA graphs, one extra slot and block (no sequence owns them) absorb the padding rows.
         extra = 1 if use_graphs else 0
-        self.cache_tensors = allocate_cache_tensors(
-            self.config, slots + extra, blocks + extra, cfg.cache.block_size, self.dtype, self.ssm_dtype, self.device,
-        )  # fmt: skip
+        mark = time.perf_counter()
+        self.cache_tensors, slots, blocks, self.max_model_len = plan_caches(
+            self.model, cfg, tp, self.device, self.dtype, self.ssm_dtype, extra
+        )
+        self.startup_seconds["profile"] = time.perf_counter() - mark
         self.prefix_cache = PrefixCache() if cfg.cache.enable_prefix_caching else None
         self.cache = CacheManager(
             BlockPool(blocks, cfg.cache.block_size), SlotPool(slots), self.prefix_cache, self._copy_state
@@ -97,7 +122,7 @@ class LLMEngine:
         self._default_generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.runner = ModelRunner(
             self.model, self.cache_tensors, self.device, self.eos_token_ids, self._default_generator,
-            self.vision_encoder,
+            self.vision_encoder, self.tp_leader,
         )  # fmt: skip
         mark = time.perf_counter()
         if use_graphs:
@@ -105,6 +130,11 @@ class LLMEngine:
                 self.model, self.cache_tensors, self.device, self.scheduler.max_num_seqs,
                 -(-self.max_model_len // cfg.cache.block_size), scratch_slot=slots, scratch_block=blocks,
             )  # fmt: skip
+            if self.tp_leader is not None:
+                graphs = self.runner.graphs
+                self.tp_leader.capture_graphs(
+                    CaptureGraphs(graphs.max_batch, graphs.tables.shape[1], slots, blocks)
+                )
             self.runner.graphs.capture()
         self.startup_seconds["graphs"] = time.perf_counter() - mark
         self.think_ids = think_token_ids(self.tokenizer)
@@ -130,6 +160,36 @@ class LLMEngine:
             "engine ready: %s on %s (%s), %d state slots, %d KV blocks of %d, max_model_len %d",
             self.model_dir, self.device, self.dtype, slots, blocks, cfg.cache.block_size, self.max_model_len,
         )  # fmt: skip
+        if tp.is_parallel:
+            log.info(
+                "tensor parallel %d: each rank holds 1/%d of the Mamba heads and attention heads, so %.1f MiB "
+                "of state per sequence and %d KV bytes per token per rank", tp.size, tp.size,
+                state_bytes_per_sequence(self.config, self.dtype, self.ssm_dtype) / 2**20,
+                kv_bytes_per_token(self.config, self.dtype),
+            )  # fmt: skip
+
+    def _start_tensor_parallel(self, cfg: EngineConfig):
+        """Check the split, start the follower ranks and join their group (as rank 0)."""
+        size = cfg.tensor_parallel_size
+        check_tensor_parallel_size(self.model_dir, size)
+        if self.device.type == "cuda" and torch.cuda.device_count() < size:
+            raise ValueError(
+                f"tensor_parallel_size={size} needs {size} GPUs, this host has {torch.cuda.device_count()}"
+            )
+        if self.device.type == "cuda" and self.device.index not in (None, 0):
+            raise ValueError(
+                "with tensor parallelism rank r runs on cuda:r; give device 'cuda', not a GPU number"
+            )
+        self.device = rank_device(self.device, 0)
+        self.tp_leader = TPLeader(cfg, self.model_dir, self.device)
+        self.tp_leader.followers.on_death.append(self._on_rank_lost)
+        return self.tp_leader.tp
+
+    def _on_rank_lost(self, why: str) -> None:
+        """The watchdog's call (its own thread) when a follower rank dies."""
+        self.fatal_error = why
+        for callback in list(self.fatal_callbacks):
+            callback(why)
 
     def forget_warmup(self) -> None:
         """Zero the counters /metrics reads after the warm-up's synthetic requests (engine/warmup.py)."""
@@ -140,6 +200,8 @@ class LLMEngine:
 
     def _copy_state(self, src: int, dst: int) -> None:
         """Copy one state slot into another across every Mamba layer (prefix snapshots in and out)."""
+        if self.tp_leader is not None:
+            self.tp_leader.copy_state(src, dst)
         self.cache_tensors.conv_state[:, dst] = self.cache_tensors.conv_state[:, src]
         self.cache_tensors.ssm_state[:, dst] = self.cache_tensors.ssm_state[:, src]
 
@@ -244,7 +306,20 @@ class LLMEngine:
         """One forward pass; outputs for every request that got new tokens or finished.
 
         With async scheduling a pure decode step is launched before the previous one's tokens are read
-        back: its outputs arrive with the next call, while the GPU already runs the following step."""
+        back: its outputs arrive with the next call, while the GPU already runs the following step.
+        With tensor parallelism a dead follower rank makes this raise WorkerLostError, saying which."""
+        if self.tp_leader is None:
+            return self._step()
+        self.tp_leader.check()
+        try:
+            return self._step()
+        except Exception as e:
+            explained = self.tp_leader.explain(e)
+            if explained is e:
+                raise
+            raise explained from e
+
+    def _step(self) -> list[RequestOutput]:
         if self._pending is not None and not self._can_continue_async():
             return self._collect(self._take_pending())  # settle the pipeline; the next call schedules
         sched = self.scheduler.schedule()
@@ -389,6 +464,8 @@ class LLMEngine:
         """Give the caches and CUDA graphs back to the device (the model stays: the caller may reuse it)."""
         self.requests.clear()
         self._pending = None
+        if self.tp_leader is not None:
+            self.tp_leader.close()
         self.runner.graphs = None
         self.runner.cache = None
         self.cache_tensors = None

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from glimpse.engine.parallel import ForwardStep, GraphStep, TPLeader
 from glimpse.engine.request import PENDING_TOKEN, Sequence
 from glimpse.engine.sampler import SamplerOutput, prompt_logprobs, sample, sample_on_device
 from glimpse.engine.scheduler import SchedulerOutput
@@ -55,8 +56,10 @@ class ModelRunner:
         eos_token_ids: list[int],
         generator: torch.Generator | None = None,
         vision: CachedVisionEncoder | None = None,
+        leader: TPLeader | None = None,
     ):
         self.model = model
+        self.leader = leader  # with tensor parallelism: tells the follower ranks each step first
         self.vision = vision  # encodes media spans as the prompt chunks reach them (VL models)
         self.generator = generator  # the draws of unseeded sequences
         self.cache = cache
@@ -68,14 +71,17 @@ class ModelRunner:
     def _reset_states(self, seqs: list[Sequence]) -> None:
         """A sequence starting from token 0 must start from zero Mamba state, whoever had its slot before."""
         slots = [s.slot for s in seqs]
+        if slots and self.leader is not None:
+            self.leader.reset_states(slots)
         if slots:
             idx = torch.tensor(slots, device=self.device)
             self.cache.conv_state[:, idx] = 0
             self.cache.ssm_state[:, idx] = 0
 
-    def _embed(self, ids: torch.Tensor, sched: SchedulerOutput) -> torch.Tensor | None:
-        """Token embeddings with vision embeddings written over the placeholder positions, or None
-        when no chunk of this step touches media."""
+    @staticmethod
+    def _media_pieces(sched: SchedulerOutput) -> list:
+        """Where this step's chunks touch media: (row in the step, span, its request's spans, first
+        embedding row, count) each."""
         pieces = []
         offset = 0
         for chunk in sched.chunks:
@@ -86,6 +92,11 @@ class ModelRunner:
                 if lo < hi:
                     pieces.append((offset + lo - start, span, spans, lo - span.start, hi - lo))
             offset += chunk.num_tokens
+        return pieces
+
+    def _embed(self, ids: torch.Tensor, pieces: list) -> torch.Tensor | None:
+        """Token embeddings with vision embeddings written over the placeholder positions, or None
+        when no chunk of this step touches media."""
         if not pieces:
             return None
         embeds = self.model.embed(ids)
@@ -93,7 +104,17 @@ class ModelRunner:
             if span.embeddings is None:
                 self.vision.fill(span, spans)
             embeds[at : at + n] = span.embeddings[src : src + n].to(embeds.device, embeds.dtype)
+        if self.leader is not None:  # the followers run no ViT: they take these
+            self.leader.share_embeds(embeds)
         return embeds
+
+    def _announce(self, chunks, ids: torch.Tensor, logits_rows: list[int] | None, with_embeds: bool) -> None:
+        """Tell the follower ranks about the step rank 0 is about to run, and send them its token ids."""
+        step = ForwardStep(
+            [c.num_tokens for c in chunks], [c.start for c in chunks], [c.seq.slot for c in chunks],
+            [list(c.seq.block_ids) for c in chunks], logits_rows, with_embeds,
+        )  # fmt: skip
+        self.leader.forward(step, ids)
 
     @torch.inference_mode()
     def execute(
@@ -104,9 +125,11 @@ class ModelRunner:
         chunks = sched.chunks
         if self.can_replay(chunks):
             seqs = [c.seq for c in chunks]
+            host_ids = [c.seq.token_at(c.start) for c in chunks]
+            if self.leader is not None:
+                self._announce_replay(chunks, host_ids, None)
             logits = self.graphs.run(
-                [c.seq.token_at(c.start) for c in chunks], [c.seq.slot for c in chunks],
-                [c.seq.block_ids for c in chunks], [c.start for c in chunks],
+                host_ids, [c.seq.slot for c in chunks], [c.seq.block_ids for c in chunks], [c.start for c in chunks],
             )  # fmt: skip
             self.num_forward_tokens += len(chunks)
             return seqs, self._sample(seqs, logits), []
@@ -123,7 +146,11 @@ class ModelRunner:
         if scored_rows:
             rows = torch.tensor(scored_rows, dtype=torch.long, device=last.device)
             logits_indices = torch.cat([rows, logits_indices])
-        embeds = self._embed(ids, sched)
+        pieces = self._media_pieces(sched)
+        if self.leader is not None:
+            cu = batch.cu_query_lens_list
+            self._announce(chunks, ids, scored_rows + [cu[i + 1] - 1 for i in due], bool(pieces))
+        embeds = self._embed(ids, pieces)
         logits = self.model(
             batch, self.cache, input_ids=ids if embeds is None else None, inputs_embeds=embeds,
             logits_indices=logits_indices,
@@ -186,6 +213,8 @@ class ModelRunner:
             idx = idx.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else idx
             device_ids = (idx[0], prev.tokens.index_select(0, idx[1]))
         if self.can_replay(chunks):
+            if self.leader is not None:
+                self._announce_replay(chunks, host_ids, device_ids)
             logits = self.graphs.run(
                 host_ids, [c.seq.slot for c in chunks], [c.seq.block_ids for c in chunks],
                 [c.start for c in chunks], device_ids=device_ids,
@@ -194,6 +223,8 @@ class ModelRunner:
             ids = torch.tensor(host_ids, dtype=torch.long, device=self.device)
             if device_ids is not None:
                 ids.index_copy_(0, *device_ids)
+            if self.leader is not None:
+                self._announce(chunks, ids, None, False)
             batch = self._batch(chunks)
             logits = self.model(batch, self.cache, input_ids=ids, logits_indices=batch.last_token_indices())
         self.num_forward_tokens += len(chunks)
@@ -211,6 +242,17 @@ class ModelRunner:
             done.record()
         out_index = [len(s.output_token_ids) for s in seqs]
         return PendingStep(seqs, out_index, tokens, host_tokens, host_lp, done)
+
+    def _announce_replay(self, chunks, host_ids: list[int], device_ids) -> None:
+        """Tell the follower ranks to replay their graph for this decode step; the ids (some perhaps still
+        on the device from the step before) go as one broadcast."""
+        ids = torch.tensor(host_ids, dtype=torch.long).to(self.device)
+        if device_ids is not None:
+            ids.index_copy_(0, *device_ids)
+        step = GraphStep(
+            [c.seq.slot for c in chunks], [list(c.seq.block_ids) for c in chunks], [c.start for c in chunks]
+        )
+        self.leader.replay(step, ids)
 
     def _batch(self, chunks) -> ForwardBatch:
         width = max(len(c.seq.block_ids) for c in chunks)

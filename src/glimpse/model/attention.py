@@ -6,16 +6,20 @@ import torch
 from torch import nn
 
 from glimpse.config import NemotronHConfig
+from glimpse.distributed.group import SINGLE, TPGroup
 from glimpse.kernels.attention import paged_attention, write_kv
 from glimpse.model.batch import CacheTensors, ForwardBatch
+from glimpse.model.parallel import Split, cols, kv_head_range, linear_splits, rows
 
 
 class Attention(nn.Module):
-    def __init__(self, config: NemotronHConfig, attention_index: int) -> None:
+    def __init__(self, config: NemotronHConfig, attention_index: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.attention_index = attention_index  # which slice of the KV pools this layer owns
-        self.heads = config.num_attention_heads
-        self.kv_heads = config.num_key_value_heads
+        self.tp = tp  # this rank holds query heads heads·rank.., and the KV heads they read
+        self.total_heads, self.total_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.heads = config.num_attention_heads // tp.size
+        self.kv_start, self.kv_heads = kv_head_range(config.num_key_value_heads, tp.rank, tp.size)
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
         bias = config.attention_bias
@@ -45,4 +49,14 @@ class Attention(nn.Module):
             batch.seq_lens_t,
             None if batch.is_decode else batch.prefill_tensors(),
         )
-        return self.o_proj(out.reshape(T, self.heads * self.head_dim))
+        return self.tp.all_reduce(self.o_proj(out.reshape(T, self.heads * self.head_dim)))
+
+    def tp_splits(self) -> dict[str, Split]:
+        d, r, bias = self.head_dim, self.tp.rank, self.o_proj.bias is not None
+        q = rows(r * self.heads * d, self.heads * d, self.total_heads * d)
+        kv = rows(self.kv_start * d, self.kv_heads * d, self.total_kv_heads * d)
+        o = cols(r * self.heads * d, self.heads * d, self.total_heads * d)
+        return (
+            linear_splits("q_proj", q, r, bias) | linear_splits("k_proj", kv, r, bias)
+            | linear_splits("v_proj", kv, r, bias) | linear_splits("o_proj", o, r, bias)
+        )  # fmt: skip

@@ -12,6 +12,7 @@ import torch
 
 from glimpse.config import NemotronHConfig, VLConfig, is_vl_config, read_config_json
 from glimpse.config_radio import RadioConfig
+from glimpse.distributed.group import SINGLE, TPGroup
 from glimpse.errors import CheckpointError
 from glimpse.loader import (
     checkpoint_files,
@@ -23,6 +24,7 @@ from glimpse.loader import (
     weight_memory_bytes,
 )
 from glimpse.model.nemotron_h import NemotronHForCausalLM
+from glimpse.model.parallel import model_splits, tp_refusal
 from glimpse.model.quant_linear import (
     check_group_size,
     dequantize_weight,
@@ -53,15 +55,26 @@ def load_model(
     quantization: str | None = None,
     *,
     keep_packed: bool | None = None,
+    tp: TPGroup = SINGLE,
 ) -> torch.nn.Module:
     """The checkpoint's model on `device`, its full-precision tensors in `dtype`.
 
     `quantization` (`modelopt` = FP8, `modelopt_fp4` = NVFP4, None = whatever the checkpoint holds) must
     agree with the checkpoint. Quantised layers keep their packed weights (`keep_packed`; default: on
-    CUDA) or are dequantised to `dtype` as they load (default on the CPU, which has no FP8/FP4 matmul)."""
+    CUDA) or are dequantised to `dtype` as they load (default on the CPU, which has no FP8/FP4 matmul).
+    With tensor parallelism (`tp`), this rank's share of the language model only is read."""
     if is_vl_config(read_config_json(model_dir)):
-        return load_vl_model(model_dir, device, dtype, quantization, keep_packed=keep_packed)
-    return load_language_model(model_dir, device, dtype, quantization, keep_packed=keep_packed)
+        return load_vl_model(model_dir, device, dtype, quantization, keep_packed=keep_packed, tp=tp)
+    return load_language_model(model_dir, device, dtype, quantization, keep_packed=keep_packed, tp=tp)
+
+
+def check_tensor_parallel_size(model_dir: Path, size: int) -> None:
+    """A ValueError saying why, when the checkpoint's language model cannot split `size` ways."""
+    d = read_config_json(model_dir)
+    config = VLConfig.from_dict(d).llm if is_vl_config(d) else NemotronHConfig.from_dict(d)
+    why = tp_refusal(config, size)
+    if why is not None:
+        raise ValueError(why)
 
 
 def load_language_model(
@@ -71,13 +84,15 @@ def load_language_model(
     quantization: str | None = None,
     *,
     keep_packed: bool | None = None,
+    tp: TPGroup = SINGLE,
 ) -> NemotronHForCausalLM:
     """The text-only NemotronH checkpoint (`NemotronHForCausalLM`)."""
     quant = resolve_quantization(quantization, read_quant_config(model_dir))
     config = NemotronHConfig.from_dict(read_config_json(model_dir))
+    _refuse(config, tp)
     with torch.device("meta"):
-        model = NemotronHForCausalLM(config)
-    _load(model, checkpoint_files(model_dir), llm_name_map(), device, dtype, quant, keep_packed)
+        model = NemotronHForCausalLM(config, tp)
+    _load(model, checkpoint_files(model_dir), llm_name_map(), device, dtype, quant, keep_packed, tp)
     model.tie_weights()
     return model.eval()
 
@@ -89,17 +104,25 @@ def load_vl_model(
     quantization: str | None = None,
     *,
     keep_packed: bool | None = None,
+    tp: TPGroup = SINGLE,
 ) -> NemotronVLModel:
     """The VL checkpoint (`NemotronH_Nano_VL_V2`); the ViT's shape is read with its tensors' shapes."""
     quant = resolve_quantization(quantization, read_quant_config(model_dir))
     config = VLConfig.from_dict(read_config_json(model_dir))
+    _refuse(config.llm, tp)
     files = checkpoint_files(model_dir)
     vision = RadioConfig.from_checkpoint(config.vision_config, tensor_shapes(files))
     with torch.device("meta"):
-        model = NemotronVLModel(config, vision)
-    _load(model, files, vl_name_map, device, dtype, quant, keep_packed)
+        model = NemotronVLModel(config, vision, tp)
+    _load(model, files, vl_name_map, device, dtype, quant, keep_packed, tp)
     model.language_model.tie_weights()
     return model.eval()
+
+
+def _refuse(config: NemotronHConfig, tp: TPGroup) -> None:
+    why = tp_refusal(config, tp.size)
+    if why is not None:
+        raise ValueError(why)
 
 
 def _load(
@@ -110,6 +133,7 @@ def _load(
     dtype: torch.dtype,
     quant: QuantConfig | None,
     keep_packed: bool | None,
+    tp: TPGroup = SINGLE,
 ) -> None:
     """Fill the meta-device `model`; with a quantised checkpoint, first swap in the quantised layers (when
     kept packed) so their packed tensors load straight into them."""
@@ -120,7 +144,10 @@ def _load(
             log.info("%s KV-cache scales not used: the KV cache stays in %s", quant.kv_cache_algo, dtype)
         if packed:
             replace_quantized_linears(model, quant)
-    dequantized = load_weights(model, files, map_name, device, dtype, dequantize_weight if quant else None)
+    splits = model_splits(model) if tp.is_parallel else None  # this rank reads its share only
+    dequantized = load_weights(
+        model, files, map_name, device, dtype, dequantize_weight if quant else None, splits
+    )
     if quant is not None and not packed:  # the packed path checks this as the tensors load
         plain = sorted(n for n in quantized_linear_names(model, quant) if n + ".weight" not in dequantized)
         if plain:

@@ -9,10 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from glimpse.config import NemotronHConfig
+from glimpse.distributed.group import SINGLE, TPGroup
 from glimpse.kernels.causal_conv1d import causal_conv1d_update_silu, causal_conv1d_varlen_silu
 from glimpse.kernels.norms import gated_rms_norm
 from glimpse.kernels.ssd import selective_state_update_fused_dt, ssd_chunk_scan_varlen
 from glimpse.model.batch import CacheTensors, ForwardBatch
+from glimpse.model.parallel import Split, cols, linear_splits
 
 
 class _GroupedNorm(nn.Module):
@@ -24,15 +26,17 @@ class _GroupedNorm(nn.Module):
 
 
 class Mamba2Mixer(nn.Module):
-    def __init__(self, config: NemotronHConfig, mamba_index: int) -> None:
+    def __init__(self, config: NemotronHConfig, mamba_index: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.mamba_index = mamba_index  # which slice of the state pools this layer owns
-        self.heads = config.mamba_num_heads
+        self.tp = tp  # this rank holds heads heads·rank.. and groups groups·rank.. (model/parallel.py)
+        self.total_heads, self.total_groups = config.mamba_num_heads, config.n_groups
+        self.heads = config.mamba_num_heads // tp.size
         self.head_dim = config.mamba_head_dim
-        self.groups = config.n_groups
+        self.groups = config.n_groups // tp.size
         self.state_size = config.ssm_state_size
-        self.d_inner = config.mamba_d_inner
-        self.conv_dim = config.mamba_conv_dim
+        self.d_inner = self.heads * self.head_dim
+        self.conv_dim = self.d_inner + 2 * self.groups * self.state_size
         self.chunk_size = config.chunk_size
         self.eps = config.layer_norm_epsilon
         self.dt_min, self.dt_max = config.time_step_limit
@@ -95,4 +99,27 @@ class Mamba2Mixer(nn.Module):
                 x, dt, A, B, C, self.D, ssm_state, cu, slots, batch.has_initial_state, self.chunk_size
             )
         y = gated_rms_norm(y.reshape(T, self.d_inner), z, self.norm.weight, self.groups, self.eps)
-        return self.out_proj(y)
+        return self.tp.all_reduce(self.out_proj(y))
+
+    def tp_splits(self) -> dict[str, Split]:
+        """in_proj is z | x | B | C | dt and conv1d x | B | C on disk: each component splits on its own."""
+        r, n = self.tp.rank, self.state_size
+        inner, bc = self.d_inner, self.groups * n  # this rank's widths
+        full_inner, full_bc = self.total_heads * self.head_dim, self.total_groups * n
+        x = (r * inner, inner)
+        b = (full_inner + r * bc, bc)
+        c = (full_inner + full_bc + r * bc, bc)
+        conv_full = full_inner + 2 * full_bc
+        in_pieces = ((r * inner, inner), (full_inner + x[0], inner), (full_inner + b[0], bc),
+                     (full_inner + c[0], bc), (full_inner + conv_full + r * self.heads, self.heads))  # fmt: skip
+        in_split = Split(0, in_pieces, full_inner + conv_full + self.total_heads)
+        conv = Split(0, (x, b, c), conv_full)
+        by_head = Split(0, ((r * self.heads, self.heads),), self.total_heads)
+        bias = self.out_proj.bias is not None
+        out = linear_splits("in_proj", in_split, r, self.in_proj.bias is not None)
+        out |= linear_splits("out_proj", cols(r * inner, inner, full_inner), r, bias)
+        out |= {"conv1d.weight": conv, "A_log": by_head, "D": by_head, "dt_bias": by_head}
+        out["norm.weight"] = Split(0, (x,), full_inner)
+        if self.conv1d.bias is not None:
+            out["conv1d.bias"] = conv
+        return out

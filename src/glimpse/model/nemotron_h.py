@@ -4,14 +4,17 @@ a final RMSNorm and an untied lm_head. Parameter names match the checkpoint (`ba
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from glimpse.config import NemotronHConfig
+from glimpse.distributed.group import SINGLE, TPGroup
 from glimpse.kernels.activations import relu_square_
 from glimpse.kernels.norms import add_rms_norm, rms_norm
 from glimpse.model.attention import Attention
 from glimpse.model.batch import CacheTensors, ForwardBatch
 from glimpse.model.mamba2 import Mamba2Mixer
+from glimpse.model.parallel import Split, cols, linear_splits, rows, shard_config
 
 
 class RMSNorm(nn.Module):
@@ -27,26 +30,35 @@ class RMSNorm(nn.Module):
 class MLP(nn.Module):
     """down_proj(relu(up_proj(x))²): no gate."""
 
-    def __init__(self, config: NemotronHConfig) -> None:
+    def __init__(self, config: NemotronHConfig, tp: TPGroup = SINGLE) -> None:
         super().__init__()
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.tp = tp  # up_proj column-parallel, down_proj row-parallel
+        self.total_width = config.intermediate_size
+        width = config.intermediate_size // tp.size
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: CacheTensors) -> torch.Tensor:
-        return self.down_proj(relu_square_(self.up_proj(x)))
+        return self.tp.all_reduce(self.down_proj(relu_square_(self.up_proj(x))))
+
+    def tp_splits(self) -> dict[str, Split]:
+        r, width, bias = self.tp.rank, self.up_proj.out_features, self.up_proj.bias is not None
+        return linear_splits("up_proj", rows(r * width, width, self.total_width), r, bias) | linear_splits(
+            "down_proj", cols(r * width, width, self.total_width), r, bias
+        )
 
 
 class Block(nn.Module):
-    def __init__(self, config: NemotronHConfig, kind: str, kind_index: int) -> None:
+    def __init__(self, config: NemotronHConfig, kind: str, kind_index: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.kind = kind
         self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
         if kind == "mamba":
-            self.mixer: nn.Module = Mamba2Mixer(config, kind_index)
+            self.mixer: nn.Module = Mamba2Mixer(config, kind_index, tp)
         elif kind == "attention":
-            self.mixer = Attention(config, kind_index)
+            self.mixer = Attention(config, kind_index, tp)
         else:
-            self.mixer = MLP(config)
+            self.mixer = MLP(config, tp)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: CacheTensors) -> torch.Tensor:
         """x + mixer(norm(x)); the model itself runs `forward_fused` to share the norm with the residual add."""
@@ -69,24 +81,40 @@ class Block(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, config: NemotronHConfig) -> None:
+    def __init__(self, config: NemotronHConfig, tp: TPGroup = SINGLE) -> None:
         super().__init__()
-        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.tp = tp
+        self.vocab_size = config.vocab_size
+        # vocabulary-parallel: this rank embeds token ids vocab_start.. (model/parallel.py)
+        self.vocab_start, local_vocab = tp.split(config.vocab_size)
+        self.embeddings = nn.Embedding(local_vocab, config.hidden_size)
         counts = {"mamba": 0, "attention": 0, "mlp": 0}
         layers = []
         for kind in config.layer_kinds:
-            layers.append(Block(config, kind, counts[kind]))
+            layers.append(Block(config, kind, counts[kind], tp))
             counts[kind] += 1
         self.layers = nn.ModuleList(layers)
         self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not self.tp.is_parallel:
+            return self.embeddings(input_ids)
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.embeddings.num_embeddings)
+        out = F.embedding(local.masked_fill(outside, 0), self.embeddings.weight)
+        return self.tp.all_reduce(out.masked_fill_(outside.unsqueeze(-1), 0))
+
+    def tp_splits(self) -> dict[str, Split]:
+        return {"embeddings.weight": rows(self.vocab_start, self.embeddings.num_embeddings, self.vocab_size)}
+
 
 class NemotronHForCausalLM(nn.Module):
-    def __init__(self, config: NemotronHConfig) -> None:
+    def __init__(self, config: NemotronHConfig, tp: TPGroup = SINGLE) -> None:
         super().__init__()
-        self.config = config
-        self.backbone = Backbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.config = config  # the whole model's; llm_config is this rank's share
+        self.tp = tp
+        self.backbone = Backbone(config, tp)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size // tp.size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -95,14 +123,20 @@ class NemotronHForCausalLM(nn.Module):
 
     @property
     def llm_config(self) -> NemotronHConfig:
-        return self.config
+        """The geometry this rank holds (the whole model's without tensor parallelism): what the caches
+        are sized by."""
+        return shard_config(self.config, self.tp.size)
 
     @property
     def is_multimodal(self) -> bool:
         return False
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.backbone.embeddings(input_ids)
+        return self.backbone.embed(input_ids)
+
+    def tp_splits(self) -> dict[str, Split]:
+        start, count = self.backbone.vocab_start, self.lm_head.out_features
+        return {"lm_head.weight": rows(start, count, self.config.vocab_size)}
 
     def forward(
         self,
@@ -122,4 +156,4 @@ class NemotronHForCausalLM(nn.Module):
         if logits_indices is None:
             logits_indices = batch.last_token_indices()
         hidden = self.backbone.norm_f(hidden[logits_indices])
-        return self.lm_head(hidden)
+        return self.tp.all_gather_last(self.lm_head(hidden))

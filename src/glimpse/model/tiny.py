@@ -63,7 +63,9 @@ Summarise the page in three sentences. How many people are in the picture, and w
 Style = Literal["nvidia", "legacy", "transformers"]
 
 
-def tiny_text_config(max_position_embeddings: int = 8192, vocab_size: int = 640) -> NemotronHConfig:
+def tiny_text_config(
+    max_position_embeddings: int = 8192, vocab_size: int = 640, n_groups: int = 2
+) -> NemotronHConfig:
     return NemotronHConfig(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -74,7 +76,7 @@ def tiny_text_config(max_position_embeddings: int = 8192, vocab_size: int = 640)
         intermediate_size=256,
         mamba_num_heads=8,
         mamba_head_dim=16,
-        n_groups=2,
+        n_groups=n_groups,
         ssm_state_size=16,
         conv_kernel=4,
         chunk_size=64,
@@ -269,13 +271,15 @@ def make_tiny(
     name_prefix: Literal["backbone", "model"] = "backbone",
     shards: int = 1,
     quantization: Quantization | None = None,
+    n_groups: int = 2,
 ) -> Path:
     """Write a tiny checkpoint. Text: NemotronHForCausalLM layout. VL: NemotronH_Nano_VL_V2 layout.
 
     `quantization` (`fp8`, `nvfp4`) writes a modelopt checkpoint of the same weights (the same seed's
     bf16 checkpoint is its twin): the language model's linear layers quantised, everything the published
     exclusion list names (vision tower, mlp1, conv1d, lm_head) and embeddings and norms as before, and
-    `hf_quant_config.json`.
+    `hf_quant_config.json`. `n_groups` (Mamba groups, 8 heads) is 4 for a model tensor parallelism can
+    split four ways.
     A ValueError, before anything is written, when `out_dir` can't be made a directory (a file there)."""
     out = Path(out_dir)
     try:
@@ -289,7 +293,7 @@ def make_tiny(
     quant = published_quant_config(quantization) if quantization else None
     config: NemotronHConfig | VLConfig
     if vl:
-        llm = tiny_text_config(max_position_embeddings=TINY_VL_CONTEXT, vocab_size=vocab)
+        llm = tiny_text_config(max_position_embeddings=TINY_VL_CONTEXT, vocab_size=vocab, n_groups=n_groups)
         llm_state = random_llm_state_dict(llm, seed)
         if quant is not None:
             llm_state = quantize_llm_state(llm, llm_state, quant, "language_model.", seed)
@@ -297,7 +301,7 @@ def make_tiny(
             llm, rename_llm(llm_state, "backbone", outer="language_model."), seed
         )
     else:
-        config = llm = tiny_text_config(vocab_size=vocab)
+        config = llm = tiny_text_config(vocab_size=vocab, n_groups=n_groups)
         state = random_llm_state_dict(llm, seed)
         if quant is not None:
             state = quantize_llm_state(llm, state, quant, "", seed)

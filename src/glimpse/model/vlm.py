@@ -9,6 +9,7 @@ from torch import nn
 
 from glimpse.config import NemotronHConfig, VLConfig
 from glimpse.config_radio import RadioConfig
+from glimpse.distributed.group import SINGLE, TPGroup
 from glimpse.model.batch import CacheTensors, ForwardBatch
 from glimpse.model.nemotron_h import NemotronHForCausalLM
 from glimpse.model.projector import Projector
@@ -16,10 +17,10 @@ from glimpse.model.vision import VisionTower
 
 
 class NemotronVLModel(nn.Module):
-    def __init__(self, config: VLConfig, vision: RadioConfig) -> None:
+    def __init__(self, config: VLConfig, vision: RadioConfig, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.config = config
-        self.language_model = NemotronHForCausalLM(config.llm)
+        self.language_model = NemotronHForCausalLM(config.llm, tp)  # split across ranks; vision replicated
         self.vision_model = VisionTower(vision, config.downsample_ratio)
         self.mlp1 = Projector.for_model(
             vision.hidden_size, config.projector_hidden_size, config.llm.hidden_size, config.downsample_ratio
@@ -27,7 +28,7 @@ class NemotronVLModel(nn.Module):
 
     @property
     def llm_config(self) -> NemotronHConfig:
-        return self.config.llm
+        return self.language_model.llm_config
 
     @property
     def is_multimodal(self) -> bool:

@@ -364,7 +364,14 @@ def run_server(engine_config: EngineConfig, server_config: ServerConfig, llm: As
             log_level=server_config.uvicorn_log_level, timeout_graceful_shutdown=5,
             ssl_keyfile=server_config.ssl_keyfile, ssl_certfile=server_config.ssl_certfile,
         )  # fmt: skip
-        uvicorn.Server(config).run(sockets=[sock])
+        server = uvicorn.Server(config)
+        # A tensor-parallel rank that dies leaves the model incomplete: stop serving (uvicorn's graceful
+        # shutdown), then exit with the watchdog's reason.
+        engine = ctx.llm.engine
+        engine.fatal_callbacks.append(lambda why: setattr(server, "should_exit", True))
+        server.run(sockets=[sock])
+        if engine.fatal_error is not None:
+            raise SystemExit(f"glimpse serve stopped: {engine.fatal_error}")
     finally:
         sock.close()
 
