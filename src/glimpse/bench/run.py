@@ -29,6 +29,12 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--random-weights", default=None, metavar="ARCH",
                      help="the full-size architecture with random weights: nemotron-nano-12b-v2 (text) or "
                           "nemotron-nano-12b-v2-vl (RADIO ViT-H + projector + the 12B LLM)")  # fmt: skip
+    p.add_argument(
+        "--commit",
+        default=None,
+        help="the commit the figures belong to, recorded as given (a "
+        "copy of the tree on another machine may carry a stale .git); default: git rev-parse HEAD",
+    )
     p.add_argument("--scenarios", default="decode1,decode,prefill,drift",
                    help="comma list of decode1, decode, prefill, drift, hf-reference (language model); vision, "
                         "video-ttft (need a VL model); video-decode, online (run first, before any model is "
@@ -106,7 +112,7 @@ def _add_online_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--online-request-timeout", type=float, default=600.0, help="seconds for one request")
 
 
-def _environment(device: torch.device) -> dict:
+def _environment(device: torch.device, commit: str | None = None) -> dict:
     env = {
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
@@ -115,6 +121,9 @@ def _environment(device: torch.device) -> dict:
     env["device"] = (
         torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     )
+    if commit:
+        env["commit"] = commit
+        return env
     try:
         env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                        timeout=5).stdout.strip() or None  # fmt: skip
@@ -246,7 +255,7 @@ def main(args: argparse.Namespace) -> int:
                 "--tensor-parallel-size needs a checkpoint (--model) to split, not --random-weights"
             )
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    results: dict = {"environment": _environment(device), "results": []}
+    results: dict = {"environment": _environment(device, args.commit), "results": []}
     if "hf-reference" in scenarios:
         results["results"] += [_report(r) for r in run_hf_reference(args)]
         scenarios.remove("hf-reference")
