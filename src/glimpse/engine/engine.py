@@ -19,6 +19,7 @@ import torch
 
 from glimpse.config import NemotronHConfig
 from glimpse.distributed.group import SINGLE
+from glimpse.distributed.workers import WorkerLostError
 from glimpse.engine.cache import (
     BlockPool,
     CacheManager,
@@ -310,11 +311,15 @@ class LLMEngine:
         With tensor parallelism a dead follower rank makes this raise WorkerLostError, saying which."""
         if self.tp_leader is None:
             return self._step()
-        self.tp_leader.check()
         try:
+            self.tp_leader.check()
             return self._step()
         except Exception as e:
             explained = self.tp_leader.explain(e)
+            if isinstance(explained, WorkerLostError) and self.fatal_error is None:
+                self.fatal_error = str(
+                    explained
+                )  # this thread may find the death before the watchdog says so
             if explained is e:
                 raise
             raise explained from e
