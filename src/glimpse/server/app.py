@@ -39,7 +39,7 @@ from glimpse.engine.async_llm import AsyncLLM
 from glimpse.engine.config import EngineConfig
 from glimpse.engine.engine import LLMEngine
 from glimpse.errors import AuthenticationError, GlimpseError, InvalidRequestError
-from glimpse.processing.media import MediaPolicy
+from glimpse.processing.media import MediaPolicy, prepare_fetching
 from glimpse.server.config import ServerConfig
 from glimpse.server.metrics import CONTENT_TYPE, ServerMetrics
 from glimpse.server.playground import add_playground
@@ -311,13 +311,15 @@ def make_context(
     if test_hooks:
         log.warning("%s=1: requests may force the model's output (tests only)", TEST_HOOKS_ENV)
     media = engine_config.media
+    media_policy = MediaPolicy.for_server(media.allowed_local_media_path, media.allow_private_media_urls)
+    prepare_fetching(media_policy)  # not on the first request, while others wait for the GIL
     return ServingContext(
         llm=llm,
         served_model_name=name,
         aliases=tuple(aliases),
         metrics=ServerMetrics(name, llm.engine.stats, llm.is_idle),
         media_limits=server_config.media_limits,
-        media_policy=MediaPolicy.for_server(media.allowed_local_media_path, media.allow_private_media_urls),
+        media_policy=media_policy,
         max_request_bytes=server_config.max_request_bytes,
         max_logprobs=server_config.max_logprobs,
         max_prompts_per_request=server_config.max_prompts_per_request,
