@@ -402,7 +402,7 @@ def test_request_size_glanced_from_the_start_of_a_large_body():
         ({"top_p": 0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"n": 0}, "n"),
-        ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ({"top_logprobs": -1, "logprobs": True}, "top_logprobs"),
         ({"logprobs": 1}, "logprobs"),
         ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"frequency_penalty": -3}, "frequency_penalty"),
@@ -528,12 +528,18 @@ def test_error_messages_say_what_is_allowed():
         ({"prompt": None}, "prompt"),
         ({"best_of": 3}, "best_of"),
         ({"logprobs": True}, "logprobs"),
-        ({"logprobs": 21}, "logprobs"),
+        ({"logprobs": -1}, "logprobs"),
         ({"max_tokens": 0}, "max_tokens"),
     ],
 )
 def test_invalid_completion_requests(fields, param):
     assert bad(completion, **fields).param == param
+
+
+def test_logprobs_over_openais_20_parse():
+    """The schema has no upper bound on logprobs: the server's --max-logprobs is the cap (vLLM's way)."""
+    assert chat(logprobs=True, top_logprobs=50).top_logprobs == 50
+    assert completion(logprobs=50).logprobs == 50
 
 
 def test_malformed_bodies():

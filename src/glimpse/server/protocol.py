@@ -476,7 +476,7 @@ class ChatCompletionRequest(_SamplingRequest):
     max_tokens: Int | None = Field(default=None, ge=1)
     max_completion_tokens: Int | None = Field(default=None, ge=1)
     logprobs: Bool | None = None
-    top_logprobs: Int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: Int | None = Field(default=None, ge=0)  # at most --max-logprobs (checked by the server)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: Bool | None = None
@@ -542,7 +542,7 @@ TokenIds = Annotated[list[Annotated[Int, Field(ge=0)]], _FAIL_FAST]
 class CompletionRequest(_SamplingRequest):
     prompt: str | Annotated[list[str], _FAIL_FAST] | TokenIds | Annotated[list[TokenIds], _FAIL_FAST]
     max_tokens: Int | None = Field(default=16, ge=0)  # OpenAI's default; 0 only with echo (the prompt alone)
-    logprobs: Int | None = Field(default=None, ge=0, le=20)
+    logprobs: Int | None = Field(default=None, ge=0)  # at most --max-logprobs (checked by the server)
     echo: Bool | None = False
     suffix: str | None = None
     best_of: Int | None = Field(default=None, ge=1)
