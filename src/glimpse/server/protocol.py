@@ -648,9 +648,11 @@ class RequestSize:
         return cls("prompt", len(prompt), n, chars, ids, partial=True)
 
 
-# How much of a body `RequestSize.glance` parses (about 30 ms of work at most), and from what size a body
-# is worth a glance before it is parsed whole (over 4,096 prompts of a few ids each).
-GLANCE_BYTES = 1 << 20
+# How much of a body `RequestSize.glance` parses, and from what size a body is worth a glance before it is
+# parsed whole (over 4,096 prompts of a few ids each). The parse holds the GIL throughout, stalling every
+# other thread and the event loop: 256 KB is ~8 ms of it (1 MB was ~30 ms, and up to 99 ms on a loaded
+# machine), and still holds ~7,000 prompts of ten ids or 262,144 characters of text.
+GLANCE_BYTES = 1 << 18
 GLANCE_FROM_BYTES = 1 << 18
 
 
