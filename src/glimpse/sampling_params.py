@@ -66,12 +66,14 @@ class SamplingParams:
             raise bad("min_tokens", "an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
-            raise bad("logprobs", "an integer in [0, 20]")
+        # No upper bound here (as vLLM's): the engine returns at most the vocabulary, and the server caps
+        # what clients may ask with --max-logprobs.
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
+            raise bad("logprobs", "an integer >= 0")
         if self.prompt_logprobs is not None and (
-            not isinstance(self.prompt_logprobs, int) or not 0 <= self.prompt_logprobs <= 20
+            not isinstance(self.prompt_logprobs, int) or self.prompt_logprobs < 0
         ):
-            raise bad("prompt_logprobs", "an integer in [0, 20]")
+            raise bad("prompt_logprobs", "an integer >= 0")
         if self.stop and not self.detokenize:
             raise ValueError("stop strings need detokenize=True")
         if self.json_schema is not None and self.regex is not None:

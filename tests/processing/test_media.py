@@ -6,7 +6,6 @@ No network: the HTTP server is started here on 127.0.0.1 in a thread.
 from __future__ import annotations
 
 import base64
-import functools
 import io
 import ipaddress
 import os
@@ -23,7 +22,6 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -530,7 +528,7 @@ def test_pinned_https_keeps_sni_and_certificate_checks(
     bad_key, bad_cert = _self_signed(tmp_path, "other.test")
     trust = ssl.create_default_context(cafile=str(good_cert))
     trust.load_verify_locations(cafile=str(bad_cert))
-    monkeypatch.setattr(httpx, "Client", functools.partial(httpx.Client, verify=trust))
+    monkeypatch.setattr(media, "tls_context", lambda trust_env: trust)  # what every fetch verifies with
     for key, cert, works in ((good_key, good_cert, True), (bad_key, bad_cert, False)):
         httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -548,6 +546,18 @@ def test_pinned_https_keeps_sni_and_certificate_checks(
         finally:
             httpd.shutdown()
             httpd.server_close()
+
+
+def test_fetches_share_one_tls_context(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading the CA bundle is ~100 ms of CPU holding the GIL: done once, not once per fetch (which
+    stalled the server's event loop while media was fetched)."""
+    built = []
+    real = ssl.create_default_context
+    monkeypatch.setattr(media, "_tls_contexts", {})
+    monkeypatch.setattr(ssl, "create_default_context", lambda *a, **k: built.append(1) or real(*a, **k))
+    for _ in range(3):
+        assert fetch_bytes(f"{server}/img.png", OPEN) == PNG
+    assert len(built) == 1
 
 
 def test_http_errors(server: str) -> None:

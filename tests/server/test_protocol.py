@@ -369,20 +369,18 @@ def test_request_size_of_a_validated_request():
 
 
 def test_request_size_glanced_from_the_start_of_a_large_body():
-    """Only the first megabyte is parsed: the numbers are what it shows (lower bounds)."""
+    """Only the first 256 KB are parsed: the numbers are what they show (lower bounds)."""
     batch = json.dumps({"prompt": [list(range(10))] * 2_000_000, "n": 2}).encode()  # 66 MB
     size = RequestSize.glance(batch, chat=False)
-    assert size.partial and size.param == "prompt" and 10_000 < size.prompts < 100_000 and size.n == 1
+    assert size.partial and size.param == "prompt" and 4_096 < size.prompts < 20_000 and size.n == 1
     text = json.dumps({"n": 2, "prompt": "x" * 5_000_000}).encode()
-    assert RequestSize.glance(text, chat=False).text_chars > 1_000_000
-    assert (
-        RequestSize.glance(json.dumps({"prompt": [7] * 2_000_000}).encode(), chat=False).token_ids > 100_000
-    )
-    parts = [{"type": "text", "text": "y" * 600_000}, {"type": "image_url", "image_url": "u"}]
-    body = json.dumps({"messages": [{"role": "user", "content": "z" * 300_000}, {"role": "user", "content": parts},
-                                    {"role": "assistant", "content": "w" * 900_000}]}).encode()  # fmt: skip
+    assert RequestSize.glance(text, chat=False).text_chars > 200_000
+    assert RequestSize.glance(json.dumps({"prompt": [7] * 2_000_000}).encode(), chat=False).token_ids > 50_000
+    parts = [{"type": "text", "text": "y" * 150_000}, {"type": "image_url", "image_url": "u"}]
+    body = json.dumps({"messages": [{"role": "user", "content": "z" * 75_000}, {"role": "user", "content": parts},
+                                    {"role": "assistant", "content": "w" * 225_000}]}).encode()  # fmt: skip
     size = RequestSize.glance(body, chat=True)
-    assert size.param == "messages" and size.n == 1 and 1_000_000 < size.text_chars < 1_800_000
+    assert size.param == "messages" and size.n == 1 and 250_000 < size.text_chars < 450_000
     assert RequestSize.glance(b"[1, 2, 3" + b" " * 2_000_000, chat=False) is None
     assert RequestSize.glance(b"not json at all", chat=True) is None
     assert RequestSize.glance(json.dumps({"prompt": [], "x": "y" * 2_000_000}).encode(), chat=False) is None
@@ -402,7 +400,7 @@ def test_request_size_glanced_from_the_start_of_a_large_body():
         ({"top_p": 0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"n": 0}, "n"),
-        ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ({"top_logprobs": -1, "logprobs": True}, "top_logprobs"),
         ({"logprobs": 1}, "logprobs"),
         ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"frequency_penalty": -3}, "frequency_penalty"),
@@ -528,12 +526,18 @@ def test_error_messages_say_what_is_allowed():
         ({"prompt": None}, "prompt"),
         ({"best_of": 3}, "best_of"),
         ({"logprobs": True}, "logprobs"),
-        ({"logprobs": 21}, "logprobs"),
+        ({"logprobs": -1}, "logprobs"),
         ({"max_tokens": 0}, "max_tokens"),
     ],
 )
 def test_invalid_completion_requests(fields, param):
     assert bad(completion, **fields).param == param
+
+
+def test_logprobs_over_openais_20_parse():
+    """The schema has no upper bound on logprobs: the server's --max-logprobs is the cap (vLLM's way)."""
+    assert chat(logprobs=True, top_logprobs=50).top_logprobs == 50
+    assert completion(logprobs=50).logprobs == 50
 
 
 def test_malformed_bodies():

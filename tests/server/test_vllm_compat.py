@@ -32,7 +32,7 @@ NAME = "glimpse-tiny"
 NAMES = ("vl-a", "vl-b")
 ALLOWED_ORIGIN = "http://a.example"
 OTHER_ORIGIN = "http://b.example"
-MAX_LOGPROBS = 5
+MAX_LOGPROBS = 25  # above OpenAI's 20: the cap is the server's flag, not the schema's
 NOOP_FLAGS = ("--trust-remote-code", "--disable-log-requests", "--enable-auto-tool-choice",
               "--tool-call-parser", "--reasoning-parser")  # fmt: skip
 
@@ -204,20 +204,32 @@ def test_limit_mm_key_value_form_holds(flags_server: Server):
 
 
 def test_max_logprobs_is_enforced(flags_server: Server):
-    """[fix] as vLLM: with --max-logprobs N, asking for more than N log-probabilities is a 400."""
+    """[fix] as vLLM: with --max-logprobs N, asking for more than N log-probabilities is a 400 naming N,
+    and up to N (here 25, over OpenAI's 20) is answered with that many, on both endpoints."""
     over = MAX_LOGPROBS + 1
     chat = chat_body(NAMES[0], logprobs=True, top_logprobs=over)
     err = error(post(flags_server, "/v1/chat/completions", chat), 400)
-    assert str(MAX_LOGPROBS) in err["message"], err
+    assert str(MAX_LOGPROBS) in err["message"] and "max-logprobs" in err["message"], err
+    assert err["param"] == "top_logprobs", err
     body = {"model": NAMES[0], "prompt": "Hi", "max_tokens": 2, "logprobs": over}
-    error(post(flags_server, "/v1/completions", body), 400)
-    ok(
-        post(
-            flags_server,
-            "/v1/chat/completions",
-            chat_body(NAMES[0], logprobs=True, top_logprobs=MAX_LOGPROBS),
-        )
-    )
+    err = error(post(flags_server, "/v1/completions", body), 400)
+    assert str(MAX_LOGPROBS) in err["message"] and err["param"] == "logprobs", err
+
+    answer = ok(post(flags_server, "/v1/chat/completions",
+                     chat_body(NAMES[0], logprobs=True, top_logprobs=MAX_LOGPROBS)))  # fmt: skip
+    steps = answer["choices"][0]["logprobs"]["content"]
+    assert steps and all(len(step["top_logprobs"]) == MAX_LOGPROBS for step in steps)
+    # (completions' top_logprobs are keyed by text, so tokens that decode alike share an entry: no count)
+    answer = ok(post(flags_server, "/v1/completions", body | {"logprobs": MAX_LOGPROBS}))
+    assert answer["choices"][0]["logprobs"]["top_logprobs"]
+
+
+def test_default_max_logprobs_is_20(server: Server):
+    """Without the flag the cap is vLLM's default, 20: 21 is a 400 that names it."""
+    body = {"model": NAME, "prompt": "Hi", "max_tokens": 1, "logprobs": 21}
+    err = error(post(server, "/v1/completions", body), 400)
+    assert "20" in err["message"] and "max-logprobs" in err["message"], err
+    ok(post(server, "/v1/completions", body | {"logprobs": 20}))
 
 
 # ------------------------------------------------------------------------------------------------- TLS

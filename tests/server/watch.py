@@ -1,7 +1,8 @@
 """Watching a `glimpse serve` subprocess under attack: /health latency, resident memory, and CLI runs.
 
-`Watch` polls /health from one side thread and the server's VmRSS from another while a heavy request
-runs, so a test can say "the event loop kept answering" and "memory stayed bounded" with numbers.
+`Watch` polls /health from a probe process (health_probe.py) and the server's VmRSS from a side thread
+while a heavy request runs, so a test can say "the server kept answering within 100 ms" and "memory
+stayed bounded" with numbers.
 `launch` starts `python -m glimpse.cli ARGV...` with any argument list (the model as `--model`, TLS);
 `run_cli` runs a short command with a wall-clock and address-space limit and reports its peak RSS.
 """
@@ -24,12 +25,17 @@ import httpx
 import glimpse
 from tests.server.server_process import Server, free_port
 
-# /health must answer within 100 ms while a heavy request is being handled. The assertion uses 0.5 s: the
-# test machines have 2 cores shared with other work, where a scheduling hiccup alone can take 100 ms.
-# A server whose event loop is blocked by parsing or tokenising misses it by seconds.
-HEALTH_TARGET_S = 0.1
-HEALTH_MAX_S = 0.5
-HEALTH_POLL_S = 0.05
+# /health must answer within 100 ms while a heavy request is being handled, and that is the bound, measured
+# by a probe process of its own (health_probe.py) every 20 ms. Figures from the 2-core test machine
+# shared with other work (load average 4 to 10): the idle /health answers in 1-2 ms (median), the
+# slowest of 25 idle answers in 4-20 ms (once 117 ms), and the slowest answer during each heavy request
+# of test_hardening.py in 3-63 ms (the trickling media test, the longest at ~8 s and 500 answers, once
+# 172 and once 250 ms at load 10). The one allowance: when even the idle server's slowest answer is over
+# half the bound (a machine so loaded that scheduling alone takes that long), the bound is twice that
+# answer, so that it measures the server, not the machine.
+HEALTH_MAX_S = 0.1
+HEALTH_POLL_S = 0.02
+IDLE_ANSWERS = 25
 RSS_POLL_S = 0.02
 
 
@@ -49,65 +55,79 @@ def rss_mb(pid: int) -> float:
 class Watch:
     """`with Watch(server) as w:` ... then `w.check_health()`, `w.rss_growth_mb`, `w.health_max`.
 
-    The health bound is HEALTH_MAX_S, or twice the slowest of a few answers of the idle server measured
-    on entry if the machine is so loaded that even those are slower (the bound must measure the
-    server, not the machine).
+    On entry a probe process starts polling /health (see HEALTH_MAX_S); its first IDLE_ANSWERS answers,
+    before the heavy request, measure the idle server. Every answer from then until the exit (at least
+    two, the last sent after the request ended) must come within `health_bound`. A second thread polls
+    the server's VmRSS.
     """
 
     server: Server
-    latencies: list[float] = field(default_factory=list)
-    idle_max: float = 0.0
+    idle: list[float] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)  # the answers during the request, in seconds
+    failures: list[int] = field(default_factory=list)  # statuses other than 200 (0: no answer)
     rss_before: float = 0.0
     rss_peak: float = 0.0
+    _answers: list[tuple[float, float, int]] = field(default_factory=list)  # (sent, seconds, status)
+    _from: int = 0  # the first of _answers sent after the idle ones
+    _probe: subprocess.Popen | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
 
     def __enter__(self) -> Watch:
-        with httpx.Client(timeout=60) as client:  # long enough for a server still busy from before
-            idle = []
-            for _ in range(5):
-                t = time.monotonic()
-                client.get(f"{self.server.url}/health")
-                idle.append(time.monotonic() - t)
-        self.idle_max = max(idle)
-        self.rss_before = self.rss_peak = rss_mb(self.server.proc.pid)
-        self._threads = [threading.Thread(target=self._poll_health, daemon=True),
+        self._probe = subprocess.Popen(
+            [sys.executable, "-m", "tests.server.health_probe", str(self.server.port), str(HEALTH_POLL_S)],
+            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
+        )  # fmt: skip
+        self._threads = [threading.Thread(target=self._read_probe, daemon=True),
                          threading.Thread(target=self._poll_rss, daemon=True)]  # fmt: skip
         for t in self._threads:
             t.start()
-        self._wait_for_polls(1)  # measuring before the request starts: a fast refusal is still watched
+        # long enough for a server still busy from before, and for the probe's interpreter to start
+        self._wait_for_answers(IDLE_ANSWERS, timeout=60)
+        self.idle = [seconds for _, seconds, _ in self._answers[:IDLE_ANSWERS]]
+        self.rss_before = self.rss_peak = rss_mb(self.server.proc.pid)
+        self._from = len(self._answers)
         return self
 
     def __exit__(self, *exc) -> None:
-        # A request refused within milliseconds ends before the second poll: wait for it (it measures
-        # the server just after the request), so that check_health judges the server, not its speed.
-        deadline = time.monotonic() + 10
-        while len(self.latencies) < 2 and time.monotonic() < deadline:
-            time.sleep(HEALTH_POLL_S / 5)
+        # A request refused within milliseconds may end before the next answer: wait for two answers sent
+        # after it ended, so that check_health judges the server just after the request too.
+        ended = time.monotonic()
+        deadline = ended + 15
+        while time.monotonic() < deadline and sum(sent >= ended for sent, _, _ in self._answers) < 2:
+            time.sleep(HEALTH_POLL_S)
         self._stop.set()
+        if self._probe is not None:
+            self._probe.terminate()
+            self._probe.wait(timeout=15)
         for t in self._threads:
             t.join(timeout=15)
+        during = self._answers[self._from :]
+        self.latencies = [seconds for _, seconds, _ in during]
+        self.failures = [status for _, _, status in during if status != 200]
 
-    def _wait_for_polls(self, count: int, timeout: float = 10.0) -> None:
+    def _wait_for_answers(self, count: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while len(self.latencies) < count and time.monotonic() < deadline:
+        while len(self._answers) < count and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert len(self._answers) >= count, (
+            f"the /health probe gave {len(self._answers)} answers in {timeout} s"
+        )
 
-    def _poll_health(self) -> None:
-        with httpx.Client(timeout=10) as client:
-            while not self._stop.is_set():
-                t = time.monotonic()
-                try:
-                    client.get(f"{self.server.url}/health")
-                except httpx.HTTPError:
-                    pass  # a timeout counts with its full wait
-                self.latencies.append(time.monotonic() - t)
-                self._stop.wait(HEALTH_POLL_S)
+    def _read_probe(self) -> None:
+        assert self._probe is not None and self._probe.stdout is not None
+        for line in self._probe.stdout:
+            sent, seconds, status = line.split()
+            self._answers.append((float(sent), float(seconds), int(status)))
 
     def _poll_rss(self) -> None:
         while not self._stop.is_set():
             self.rss_peak = max(self.rss_peak, rss_mb(self.server.proc.pid))
             self._stop.wait(RSS_POLL_S)
+
+    @property
+    def idle_max(self) -> float:
+        return max(self.idle, default=0.0)
 
     @property
     def health_bound(self) -> float:
@@ -123,11 +143,12 @@ class Watch:
 
     def check_health(self) -> None:
         assert len(self.latencies) >= 2, f"/health was polled only {len(self.latencies)} times"
-        worst = sorted(self.latencies)[-3:]
+        assert not self.failures, f"/health failed during the request: statuses {self.failures[:10]}"
+        worst = [round(x * 1000) for x in sorted(self.latencies)[-3:]]
         assert self.health_max < self.health_bound, (
-            f"/health took up to {self.health_max:.2f} s during the request (bound {self.health_bound:.2f} s, "
-            f"target {HEALTH_TARGET_S} s; slowest answers {[round(x, 2) for x in worst]}): the event loop "
-            "was blocked"
+            f"/health took up to {self.health_max * 1000:.0f} ms during the request (bound "
+            f"{self.health_bound * 1000:.0f} ms; slowest answers {worst} ms of {len(self.latencies)}; idle "
+            f"server's slowest {self.idle_max * 1000:.0f} ms): something held the event loop or the GIL"
         )
 
     def check_rss(self, limit_mb: float) -> None:

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import stat
 import threading
 import time
@@ -418,6 +419,28 @@ def _prepare_hop(url: httpx.URL, policy: MediaPolicy) -> tuple[httpx.URL, dict[s
     return url.copy_with(host=ip), {"Host": host_header, "User-Agent": USER_AGENT}, extensions
 
 
+_tls_lock = threading.Lock()
+_tls_contexts: dict[bool, ssl.SSLContext] = {}
+
+
+def tls_context(trust_env: bool) -> ssl.SSLContext:
+    """The TLS settings every media fetch shares (the CA bundle, or SSL_CERT_FILE/SSL_CERT_DIR when
+    `trust_env`). Built once: loading the bundle is ~100 ms of CPU, mostly holding the GIL, so a context
+    per fetch (httpx.Client's default) stalled every other thread, the event loop included, for each
+    fetch. An SSLContext is safe to share between threads."""
+    with _tls_lock:
+        context = _tls_contexts.get(trust_env)
+        if context is None:
+            context = _tls_contexts[trust_env] = httpx.create_ssl_context(trust_env=trust_env)
+        return context
+
+
+def prepare_fetching(policy: MediaPolicy) -> None:
+    """Do before serving what the first URL fetch would otherwise do while other requests wait: build
+    the shared TLS context and let httpx import its transport (it does so on its first client)."""
+    httpx.Client(verify=tls_context(policy.allow_private_urls), trust_env=policy.allow_private_urls).close()
+
+
 def _fetch_http(
     source: str, policy: MediaPolicy, timeout: float, max_bytes: int, cancel: Cancellation | None
 ) -> bytes:
@@ -430,7 +453,11 @@ def _fetch_http(
     sockets = _Sockets(cancel)
     try:
         with (
-            httpx.Client(follow_redirects=False, trust_env=policy.allow_private_urls) as client,
+            httpx.Client(
+                follow_redirects=False,
+                trust_env=policy.allow_private_urls,
+                verify=tls_context(policy.allow_private_urls),
+            ) as client,
             cancel.on_cancel(sockets.shut_down) if cancel is not None else nullcontext(),
         ):
             for _ in range(MAX_REDIRECTS + 1):

@@ -279,6 +279,7 @@ class ServingBase:
         self.check_model(req.model)
         self.warn_unknown(request, req.unknown_fields)
         self.check_size(RequestSize.of(req))
+        self.check_logprobs(req)
         return req
 
     def _parse(self, model: type[R], body: bytearray) -> R:
@@ -328,6 +329,13 @@ class ServingBase:
             log.info("%s %s: the client hung up while sending its body", request.method, request.url.path)
             raise ClientDisconnected() from None
         return body
+
+    def check_logprobs(self, req: ChatCompletionRequest | CompletionRequest) -> None:
+        """400, before any work, for more log-probabilities per token than --max-logprobs (as vLLM)."""
+        if isinstance(req, ChatCompletionRequest):
+            check_logprobs(req.top_logprobs if req.logprobs else None, self.ctx.max_logprobs, "top_logprobs")
+        else:
+            check_logprobs(req.logprobs, self.ctx.max_logprobs, "logprobs")
 
     def check_model(self, name: str | None) -> None:
         """404 unless the request names a served model (or names none)."""
@@ -402,8 +410,6 @@ class ServingBase:
         params = to_sampling_params(
             req, default_max_tokens=limit - n_prompt, defaults=self.ctx.sampling_defaults, max_model_len=limit
         )
-        logprobs_param = "top_logprobs" if param == "messages" else "logprobs"
-        check_logprobs(params.logprobs, self.ctx.max_logprobs, logprobs_param)
         if forced is not None:
             params.forced_token_ids = forced
         return params
@@ -620,7 +626,6 @@ class CompletionsHandler(ServingBase):
             inputs.append(inp)
             params.append(self.sampling_params(req, inp, forced, "prompt"))
         return inputs, params
-
 
     async def _stream(
         self,
