@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -34,6 +35,9 @@ from glimpse.sampling_params import SamplingParams
 DEFAULT_MODEL = "nvidia/NVIDIA-Nemotron-Nano-12B-v2-VL-BF16"
 # Text that would read as a media placeholder or an image marker once rendered: defused in our prompts.
 _PLACEHOLDERS = {"<image>": "< image>", "<video>": "< video>", "<img>": "< img>", "</img>": "< /img>"}
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -188,7 +192,9 @@ class InProcessClient(ModelClient):
                 outs = self.llm.generate(prompts, params) if prompts else []
                 for i, out in zip(index, outs):
                     results[i] = self._completion(requests[i], out)
-            except Exception:  # some request broke the batch: run each alone to find it
+            except Exception as e:  # some request broke the batch: run each alone to find it
+                log.warning("a batch of %d requests failed (%s: %s); running them one at a time",
+                            len(index), type(e).__name__, e)  # fmt: skip
                 for k, i in enumerate(index):
                     try:
                         results[i] = self._completion(
