@@ -71,10 +71,7 @@ def load_model(
 def check_tensor_parallel_size(model_dir: Path, size: int) -> None:
     """A ValueError saying why, when the checkpoint's language model cannot split `size` ways."""
     d = read_config_json(model_dir)
-    config = VLConfig.from_dict(d).llm if is_vl_config(d) else NemotronHConfig.from_dict(d)
-    why = tp_refusal(config, size)
-    if why is not None:
-        raise ValueError(why)
+    _refuse(VLConfig.from_dict(d).llm if is_vl_config(d) else NemotronHConfig.from_dict(d), size)
 
 
 def load_language_model(
@@ -89,7 +86,7 @@ def load_language_model(
     """The text-only NemotronH checkpoint (`NemotronHForCausalLM`)."""
     quant = resolve_quantization(quantization, read_quant_config(model_dir))
     config = NemotronHConfig.from_dict(read_config_json(model_dir))
-    _refuse(config, tp)
+    _refuse(config, tp.size)
     with torch.device("meta"):
         model = NemotronHForCausalLM(config, tp)
     _load(model, checkpoint_files(model_dir), llm_name_map(), device, dtype, quant, keep_packed, tp)
@@ -109,7 +106,7 @@ def load_vl_model(
     """The VL checkpoint (`NemotronH_Nano_VL_V2`); the ViT's shape is read with its tensors' shapes."""
     quant = resolve_quantization(quantization, read_quant_config(model_dir))
     config = VLConfig.from_dict(read_config_json(model_dir))
-    _refuse(config.llm, tp)
+    _refuse(config.llm, tp.size)
     files = checkpoint_files(model_dir)
     vision = RadioConfig.from_checkpoint(config.vision_config, tensor_shapes(files))
     with torch.device("meta"):
@@ -119,8 +116,9 @@ def load_vl_model(
     return model.eval()
 
 
-def _refuse(config: NemotronHConfig, tp: TPGroup) -> None:
-    why = tp_refusal(config, tp.size)
+def _refuse(config: NemotronHConfig, size: int) -> None:
+    """A ValueError saying why, when `config`'s language model cannot split `size` ways."""
+    why = tp_refusal(config, size)
     if why is not None:
         raise ValueError(why)
 
